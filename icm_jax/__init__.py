@@ -1,0 +1,1 @@
+"""icm-jax: Internal Coherence Maximization in JAX."""

@@ -1,0 +1,216 @@
+"""Llama-family model configuration and its mapping to/from HF `config.json`."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Mapping, Optional
+
+import jax.numpy as jnp
+
+# HF architectures we can load: every one of these is the plain Llama decoder
+# (RMSNorm, rotary, SwiGLU, GQA, no biases).
+SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM",)
+
+_DTYPES = {
+    "float32": jnp.float32,
+    "bfloat16": jnp.bfloat16,
+    "float16": jnp.float16,
+}
+
+
+def dtype_from_name(name) -> jnp.dtype:
+  if not isinstance(name, str):
+    return jnp.dtype(name)
+  if name not in _DTYPES:
+    raise ValueError(f"unknown dtype {name!r}; expected one of {sorted(_DTYPES)}")
+  return jnp.dtype(_DTYPES[name])
+
+
+@dataclasses.dataclass(frozen=True)
+class RopeScaling:
+  """Llama-3.1 style ("llama3") frequency-dependent rope scaling."""
+
+  factor: float
+  low_freq_factor: float
+  high_freq_factor: float
+  original_max_position_embeddings: int
+  rope_type: str = "llama3"
+
+
+@dataclasses.dataclass(frozen=True)
+class LlamaConfig:
+  """Architecture + numerics of a Llama decoder.
+
+  `dtype` is the compute dtype of matmuls/activations; `param_dtype` the dtype
+  parameters are stored in. Attention logits, softmax, RMSNorm statistics and
+  the final log-softmax are always computed in float32.
+  """
+
+  vocab_size: int
+  hidden_size: int
+  intermediate_size: int
+  num_layers: int
+  num_heads: int
+  num_kv_heads: int
+  head_dim: int
+  rms_norm_eps: float = 1e-5
+  rope_theta: float = 10000.0
+  rope_scaling: Optional[RopeScaling] = None
+  max_position_embeddings: int = 4096
+  tie_word_embeddings: bool = False
+  bos_token_id: Optional[int] = None
+  eos_token_id: Any = None
+  dtype: str = "float32"
+  param_dtype: str = "float32"
+  # Rematerialise each decoder layer in the backward pass (trainer memory).
+  remat: bool = False
+
+  def __post_init__(self):
+    positive = ("vocab_size", "hidden_size", "intermediate_size", "num_layers",
+                "num_heads", "num_kv_heads", "head_dim",
+                "max_position_embeddings")
+    for name in positive:
+      value = getattr(self, name)
+      if not isinstance(value, int) or value <= 0:
+        raise ValueError(f"LlamaConfig.{name} must be a positive int, got {value!r}")
+    if self.num_heads % self.num_kv_heads:
+      raise ValueError(
+          f"LlamaConfig.num_heads={self.num_heads} must be a multiple of "
+          f"num_kv_heads={self.num_kv_heads} (grouped-query attention)")
+    if self.rms_norm_eps <= 0 or self.rope_theta <= 0:
+      raise ValueError("LlamaConfig.rms_norm_eps and rope_theta must be > 0")
+    dtype_from_name(self.dtype)
+    dtype_from_name(self.param_dtype)
+
+  @property
+  def compute_dtype(self) -> jnp.dtype:
+    return dtype_from_name(self.dtype)
+
+  @property
+  def params_dtype(self) -> jnp.dtype:
+    return dtype_from_name(self.param_dtype)
+
+  def replace(self, **changes) -> "LlamaConfig":
+    return dataclasses.replace(self, **changes)
+
+  def num_params(self) -> int:
+    d, f, v = self.hidden_size, self.intermediate_size, self.vocab_size
+    q = self.num_heads * self.head_dim
+    kv = self.num_kv_heads * self.head_dim
+    per_layer = d * (q + 2 * kv) + q * d + 3 * d * f + 2 * d
+    head = 0 if self.tie_word_embeddings else d * v
+    return v * d + self.num_layers * per_layer + d + head
+
+  # -- HF config.json ---------------------------------------------------------
+
+  @classmethod
+  def from_hf_config(cls, hf: Mapping[str, Any], **overrides) -> "LlamaConfig":
+    """Builds a config from an HF `config.json` dict (Llama 2/3/3.1/3.2, SmolLM2)."""
+    where = "config.json"
+    archs = hf.get("architectures") or ["LlamaForCausalLM"]
+    model_type = hf.get("model_type", "llama")
+    if model_type != "llama" or not set(archs) <= set(SUPPORTED_ARCHITECTURES):
+      raise ValueError(
+          f"{where}: unsupported architecture {archs} (model_type={model_type!r});"
+          f" icm-jax implements {SUPPORTED_ARCHITECTURES} only")
+    for flag in ("attention_bias", "mlp_bias"):
+      if hf.get(flag):
+        raise ValueError(f"{where}: {flag}=true is not supported by this Llama")
+    act = hf.get("hidden_act", "silu")
+    if act != "silu":
+      raise ValueError(f"{where}: hidden_act={act!r} is not supported (need 'silu')")
+
+    def need(key):
+      if key not in hf:
+        raise ValueError(f"{where}: missing required key {key!r}")
+      return hf[key]
+
+    num_heads = need("num_attention_heads")
+    hidden = need("hidden_size")
+    head_dim = hf.get("head_dim") or hidden // num_heads
+    # transformers>=5 writes `rope_parameters` (holding rope_theta too); older
+    # checkpoints write `rope_theta` and `rope_scaling` at the top level.
+    rope_params = hf.get("rope_parameters") or hf.get("rope_scaling")
+    rope_theta = hf.get("rope_theta")
+    for source in (hf.get("rope_parameters"), hf.get("rope_scaling")):
+      if rope_theta is None and isinstance(source, Mapping):
+        rope_theta = source.get("rope_theta")
+    kwargs = dict(
+        vocab_size=need("vocab_size"),
+        hidden_size=hidden,
+        intermediate_size=need("intermediate_size"),
+        num_layers=need("num_hidden_layers"),
+        num_heads=num_heads,
+        num_kv_heads=hf.get("num_key_value_heads") or num_heads,
+        head_dim=head_dim,
+        rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
+        rope_theta=float(rope_theta if rope_theta is not None else 10000.0),
+        rope_scaling=_rope_scaling_from_hf(rope_params, where),
+        max_position_embeddings=need("max_position_embeddings"),
+        tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
+        bos_token_id=hf.get("bos_token_id"),
+        eos_token_id=hf.get("eos_token_id"),
+    )
+    kwargs.update(overrides)
+    return cls(**kwargs)
+
+  def to_hf_config(self, torch_dtype: str = "float32") -> dict:
+    """The `config.json` dict that transformers' LlamaForCausalLM loads."""
+    hf = {
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "vocab_size": self.vocab_size,
+        "hidden_size": self.hidden_size,
+        "intermediate_size": self.intermediate_size,
+        "num_hidden_layers": self.num_layers,
+        "num_attention_heads": self.num_heads,
+        "num_key_value_heads": self.num_kv_heads,
+        "head_dim": self.head_dim,
+        "hidden_act": "silu",
+        "rms_norm_eps": self.rms_norm_eps,
+        "rope_theta": self.rope_theta,
+        "max_position_embeddings": self.max_position_embeddings,
+        "tie_word_embeddings": self.tie_word_embeddings,
+        "attention_bias": False,
+        "mlp_bias": False,
+        "torch_dtype": torch_dtype,
+    }
+    rope = {"rope_type": "default", "rope_theta": self.rope_theta}
+    if self.rope_scaling is not None:
+      rs = self.rope_scaling
+      rope = {
+          "rope_type": rs.rope_type,
+          "rope_theta": self.rope_theta,
+          "factor": rs.factor,
+          "low_freq_factor": rs.low_freq_factor,
+          "high_freq_factor": rs.high_freq_factor,
+          "original_max_position_embeddings": rs.original_max_position_embeddings,
+      }
+      hf["rope_scaling"] = dict(rope)
+    hf["rope_parameters"] = rope
+    if self.bos_token_id is not None:
+      hf["bos_token_id"] = self.bos_token_id
+    if self.eos_token_id is not None:
+      hf["eos_token_id"] = self.eos_token_id
+    return hf
+
+
+def _rope_scaling_from_hf(rope: Any, where: str) -> Optional[RopeScaling]:
+  if not rope:
+    return None
+  kind = rope.get("rope_type", rope.get("type", "default"))
+  if kind == "default":
+    return None
+  if kind != "llama3":
+    raise ValueError(f"{where}: rope_scaling type {kind!r} is not supported "
+                     "(supported: default, llama3)")
+  try:
+    return RopeScaling(
+        factor=float(rope["factor"]),
+        low_freq_factor=float(rope["low_freq_factor"]),
+        high_freq_factor=float(rope["high_freq_factor"]),
+        original_max_position_embeddings=int(
+            rope["original_max_position_embeddings"]),
+    )
+  except KeyError as e:
+    raise ValueError(f"{where}: rope_scaling is missing key {e.args[0]!r}") from None

@@ -1,0 +1,38 @@
+"""icm-jax: Internal Coherence Maximization (Wen et al. 2025) in JAX."""
+
+from setuptools import find_packages, setup
+
+setup(
+    name="icm-jax",
+    version="0.1.0",
+    description=("Internal Coherence Maximization (unsupervised elicitation of "
+                 "language models) on TPU/GPU/CPU with JAX"),
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=find_packages(include=["icm_jax", "icm_jax.*"]),
+    include_package_data=True,
+    install_requires=[
+        "jax>=0.10.2,<0.11",
+        "flax>=0.12.8,<0.13",
+        "optax>=0.2.8,<0.3",
+        "orbax-checkpoint>=0.12.8,<0.13",
+        "transformers>=5.23,<6",
+        "tensorflow-datasets>=4.9.10,<5",
+        "ml-collections>=1.1,<2",
+        "absl-py>=2.1,<3",
+        "numpy>=2.0",
+        "safetensors>=0.5",
+        "gguf>=0.17",
+        # transformers' GGUF tokenizer/model path needs accelerate.
+        "accelerate>=1.0",
+    ],
+    extras_require={
+        # torch is only the reference implementation in tests; pin it exactly
+        # so pip takes the local CPU wheel instead of a multi-GB CUDA build.
+        "test": [
+            "torch==2.13.0",
+            "pytest>=8",
+        ],
+    },
+)
