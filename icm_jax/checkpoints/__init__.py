@@ -1,0 +1,18 @@
+"""Checkpoint import (HF safetensors, GGUF) and HF export for the Llama model.
+
+    from icm_jax.checkpoints import load_model, save_hf_checkpoint
+    model = load_model("path/to/hf_dir_or_file.gguf", param_shardings=...)
+    save_hf_checkpoint(model.params, model.config, "out_dir",
+                       tokenizer=model.tokenizer)
+"""
+
+from icm_jax.checkpoints.common import CheckpointError, TensorSource
+from icm_jax.checkpoints.gguf import load_gguf
+from icm_jax.checkpoints.hf import (load_hf_config, load_hf_params,
+                                    save_hf_checkpoint)
+from icm_jax.checkpoints.loader import (LoadedModel, checkpoint_format,
+                                        load_model, load_tokenizer)
+
+__all__ = ["CheckpointError", "TensorSource", "LoadedModel", "load_model",
+           "load_tokenizer", "checkpoint_format", "load_gguf", "load_hf_config",
+           "load_hf_params", "save_hf_checkpoint"]
