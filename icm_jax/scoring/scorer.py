@@ -1,0 +1,216 @@
+"""Host-side LOO scorer: buckets shapes, calls one jitted kernel per evaluation.
+
+    scorer = LOOScorer(model_config, params, example_tokens,
+                       ScoringConfig(mode="exact"), mesh=mesh)
+    scores = scorer.score(labels)            # labels [N] in {-1, 0, 1}
+    scores = scorer.score(candidates)        # [C, N]: C assignments in one call
+
+Row (c, i) scores example i given every other example labelled in assignment
+c. By default every labelled example of each assignment is scored; pass
+`queries` [C, N] bool to choose (e.g. one unlabelled example).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import NamedTuple, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from icm_jax.model import LlamaConfig
+from icm_jax.scoring import exact, parallel
+from icm_jax.scoring.buckets import bucket
+from icm_jax.scoring.common import example_arrays
+from icm_jax.tokenization import ExampleTokens
+
+MODES = ("exact", "parallel")
+
+
+@dataclasses.dataclass(frozen=True)
+class ScoringConfig:
+  """mode: "exact" (the paper's LOO prompts) or "parallel" (one-pass LOO).
+
+  rows_per_chunk: LOO rows per micro-batch inside the jitted call (memory
+  bound); rounded up to a multiple of the mesh's batch divisor.
+  min_rows / min_seq_len: smallest row-count and sequence-length buckets.
+  """
+
+  mode: str = "exact"
+  rows_per_chunk: int = 8
+  min_rows: int = 8
+  min_seq_len: int = 64
+
+  def __post_init__(self):
+    if self.mode not in MODES:
+      raise ValueError(f"scoring.mode={self.mode!r} not in {MODES}")
+    for key in ("rows_per_chunk", "min_rows", "min_seq_len"):
+      if not isinstance(getattr(self, key), int) or getattr(self, key) < 1:
+        raise ValueError(f"scoring.{key} must be a positive int, got "
+                         f"{getattr(self, key)!r}")
+
+
+class Scores(NamedTuple):
+  """Per (assignment, example) log-probs; NaN where a pair was not scored."""
+
+  log_p_false: np.ndarray  # [C, N]
+  log_p_true: np.ndarray   # [C, N]
+
+  @property
+  def s(self) -> np.ndarray:
+    """log P(True) - log P(False)."""
+    return self.log_p_true - self.log_p_false
+
+
+class LOOScorer:
+  """Scores leave-one-out label log-probs for one fixed set of examples."""
+
+  def __init__(self, model_config: LlamaConfig, params, examples: ExampleTokens,
+               config: ScoringConfig = ScoringConfig(), mesh=None):
+    self.model_config = model_config
+    self.params = params
+    self.examples = examples
+    self.config = config
+    self.mesh = mesh
+    self.num_examples = examples.num_examples
+    self._header_len = len(examples.header)
+    self._sep_len = len(examples.separator)
+    self._prompt_len = examples.prompt_lengths
+    self._demo_len = self._prompt_len + 1 + self._sep_len
+    divisor = 1
+    self._batch_sharding_fn = None
+    if mesh is not None:
+      from icm_jax import sharding  # the mesh stage is optional for scoring
+      divisor = sharding.batch_divisor(mesh)
+      self._batch_sharding_fn = functools.partial(sharding.batch_sharding, mesh)
+    self._groups = divisor
+    self._chunk = -(-config.rows_per_chunk // divisor) * divisor
+    self._token_sets = tuple(tuple(int(t) for t in s)
+                             for s in examples.label_token_sets)
+    self._check_vocab()
+    width = int(self._prompt_len.max())
+    self._data = example_arrays(examples, width)
+    self.trace_count = 0  # jitted-kernel traces (== compilations), for tests
+    context = model_config.max_position_embeddings
+    if config.mode == "exact":
+      longest = self._header_len + self._demo_len + self._prompt_len
+      worst = int(np.argmax(longest))
+      if longest[worst] > context:
+        raise ValueError(
+            f"example {examples.ids[worst]!r}: one demonstration "
+            f"({self._demo_len[worst]} tokens) plus its prompt is already "
+            f"{longest[worst]} tokens > model context {context}")
+      self._kernel = jax.jit(self._exact_kernel,
+                             static_argnames=("seq_len",))
+    else:
+      self._end_position = self._header_len + width + 1 + self._sep_len
+      if self._end_position + width > context:
+        worst = int(np.argmax(self._prompt_len))
+        raise ValueError(
+            f"example {examples.ids[worst]!r}: prompt of {width} tokens needs "
+            f"positions up to {self._end_position + width} in parallel mode "
+            f"> model context {context}")
+      self._cache = jax.jit(functools.partial(
+          parallel.build_demo_cache, model_config=model_config,
+          header_len=self._header_len, sep_len=self._sep_len,
+          end_position=self._end_position, rows_per_chunk=self._chunk,
+          batch_sharding_fn=self._batch_sharding_fn))(params, self._data)
+      self._kernel = jax.jit(self._parallel_kernel)
+
+  def _check_vocab(self):
+    vocab = self.model_config.vocab_size
+    for name, ids in (("prompt", np.concatenate(self.examples.prompts)),
+                      ("label", self.examples.label_token),
+                      ("label set", np.concatenate(self.examples.label_token_sets))):
+      if len(ids) and (ids.min() < 0 or ids.max() >= vocab):
+        raise ValueError(f"{name} token ids outside the model vocabulary "
+                         f"[0, {vocab}): tokenizer and model do not match")
+
+  # -- jitted kernels (trace_count counts traces, i.e. compilations) ----------
+
+  def _exact_kernel(self, params, data, labels, cand, query, *, seq_len):
+    self.trace_count += 1
+    return exact.exact_scores(
+        params, data, labels, cand, query, model_config=self.model_config,
+        token_sets=self._token_sets, seq_len=seq_len,
+        header_len=self._header_len, sep_len=self._sep_len,
+        rows_per_chunk=self._chunk, batch_sharding_fn=self._batch_sharding_fn)
+
+  def _parallel_kernel(self, params, data, cache, labels, cand, query):
+    self.trace_count += 1
+    return parallel.parallel_scores(
+        params, data, cache, labels, cand, query,
+        model_config=self.model_config, token_sets=self._token_sets,
+        end_position=self._end_position, rows_per_chunk=self._chunk,
+        groups=self._groups, batch_sharding_fn=self._batch_sharding_fn)
+
+  # -- host API ---------------------------------------------------------------
+
+  def score(self, labels, queries: Optional[np.ndarray] = None) -> Scores:
+    """LOO log-probs for each assignment in `labels` ([N] or [C, N])."""
+    labels = np.asarray(labels)
+    single = labels.ndim == 1
+    labels = np.atleast_2d(labels).astype(np.int32)
+    num_cand, n = labels.shape
+    if n != self.num_examples:
+      raise ValueError(f"labels cover {n} examples, scorer has "
+                       f"{self.num_examples}")
+    if not np.isin(labels, (-1, 0, 1)).all():
+      raise ValueError("labels must be -1 (unlabelled), 0 (False) or 1 (True)")
+    if queries is None:
+      queries = labels >= 0
+    queries = np.broadcast_to(np.asarray(queries, bool), labels.shape)
+    cand_idx, query_idx = np.nonzero(queries)
+    lp_false = np.full(labels.shape, np.nan, np.float32)
+    lp_true = np.full(labels.shape, np.nan, np.float32)
+    if len(query_idx):
+      lf, lt = self._score_rows(labels, cand_idx, query_idx)
+      lp_false[cand_idx, query_idx] = lf
+      lp_true[cand_idx, query_idx] = lt
+    if single:
+      return Scores(lp_false[0], lp_true[0])
+    return Scores(lp_false, lp_true)
+
+  def _score_rows(self, labels, cand_idx, query_idx):
+    num_rows = len(query_idx)
+    rows = bucket(num_rows, self.config.min_rows, self._chunk)
+    cands = bucket(labels.shape[0])
+    labels_b = np.concatenate(
+        [labels, np.repeat(labels[:1], cands - labels.shape[0], axis=0)])
+    cand = np.zeros(rows, np.int32)
+    query = np.zeros(rows, np.int32)
+    cand[:num_rows], query[:num_rows] = cand_idx, query_idx
+    args = (jnp.asarray(labels_b), jnp.asarray(cand), jnp.asarray(query))
+    if self.config.mode == "exact":
+      seq_len = min(bucket(self._exact_max_len(labels, cand_idx, query_idx),
+                           self.config.min_seq_len),
+                    self.model_config.max_position_embeddings)
+      lf, lt = self._call(self._kernel, self.params, self._data, *args,
+                          seq_len=seq_len)
+    else:
+      lf, lt = self._call(self._kernel, self.params, self._data, self._cache,
+                          *args)
+    return np.asarray(lf)[:num_rows], np.asarray(lt)[:num_rows]
+
+  def _call(self, fn, *args, **kwargs):
+    if self.mesh is None:
+      return fn(*args, **kwargs)
+    with jax.set_mesh(self.mesh):
+      return fn(*args, **kwargs)
+
+  def _exact_max_len(self, labels, cand_idx, query_idx) -> int:
+    demo_total = np.where(labels >= 0, self._demo_len, 0).sum(axis=1)
+    own = np.where(labels[cand_idx, query_idx] >= 0, self._demo_len[query_idx], 0)
+    lengths = (self._header_len + demo_total[cand_idx] - own +
+               self._prompt_len[query_idx])
+    worst = int(np.argmax(lengths))
+    context = self.model_config.max_position_embeddings
+    if lengths[worst] > context:
+      raise ValueError(
+          f"LOO prompt for example {self.examples.ids[query_idx[worst]]!r} is "
+          f"{lengths[worst]} tokens ({int((labels[cand_idx[worst]] >= 0).sum())}"
+          f" labelled demonstrations) > model context {context}; use a smaller"
+          " batch or parallel mode")
+    return int(lengths.max())
