@@ -93,6 +93,7 @@ class LOOScorer:
     width = int(self._prompt_len.max())
     self._data = example_arrays(examples, width)
     self.trace_count = 0  # jitted-kernel traces (== compilations), for tests
+    self.last_shape = None  # bucketed shape of the latest call
     context = model_config.max_position_embeddings
     if config.mode == "exact":
       longest = self._header_len + self._demo_len + self._prompt_len
@@ -187,9 +188,11 @@ class LOOScorer:
       seq_len = min(bucket(self._exact_max_len(labels, cand_idx, query_idx),
                            self.config.min_seq_len),
                     self.model_config.max_position_embeddings)
+      self.last_shape = (cands, rows, seq_len)
       lf, lt = self._call(self._kernel, self.params, self._data, *args,
                           seq_len=seq_len)
     else:
+      self.last_shape = (cands, rows)
       lf, lt = self._call(self._kernel, self.params, self._data, self._cache,
                           *args)
     return np.asarray(lf)[:num_rows], np.asarray(lt)[:num_rows]

@@ -1,0 +1,185 @@
+"""LOO scoring kernel vs independent references, on tiny random models.
+
+References build each LOO prompt as one explicit token sequence (exact mode)
+or one explicit sequence with hand-built positions and mask (parallel mode) and
+run the plain model on it, one example at a time.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from icm_jax import sharding
+from icm_jax.model import LlamaConfig, forward, init_params, masks
+from icm_jax.scoring import LOOScorer, ScoringConfig
+from icm_jax.tokenization import ExampleTokens
+
+CFG = LlamaConfig(vocab_size=61, hidden_size=32, intermediate_size=64,
+                  num_layers=2, num_heads=4, num_kv_heads=2, head_dim=8,
+                  max_position_embeddings=2048)
+LABEL_SETS = (np.array([1, 5], np.int32), np.array([2, 7], np.int32))
+
+
+@pytest.fixture(scope="module")
+def params():
+  return init_params(CFG, jax.random.key(0))
+
+
+def make_examples(n, header_len=0, seed=0, sep=(3, 3)):
+  rng = np.random.RandomState(seed)
+  prompts = tuple(rng.randint(8, 61, rng.randint(3, 10)).astype(np.int32)
+                  for _ in range(n))
+  return ExampleTokens(tuple(f"ex{i}" for i in range(n)), prompts,
+                       np.array([1, 2], np.int32), np.array(sep, np.int32),
+                       np.arange(40, 40 + header_len, dtype=np.int32),
+                       LABEL_SETS)
+
+
+def next_token_label_log_probs(params, tokens, positions=None, mask=None):
+  tokens = jnp.asarray([tokens])
+  t = tokens.shape[1]
+  positions = masks.default_positions(1, t) if positions is None else positions
+  mask = masks.causal_mask(1, t) if mask is None else mask
+  logits = forward(params, tokens, positions, mask, config=CFG)[0, -1]
+  logp = jax.nn.log_softmax(logits)
+  return [float(jax.nn.logsumexp(logp[jnp.asarray(s)])) for s in LABEL_SETS]
+
+
+def exact_reference(params, ex, labels, i):
+  tokens = list(ex.header)
+  for j, y in enumerate(labels):
+    if j != i and y >= 0:
+      tokens += list(ex.prompts[j]) + [int(ex.label_token[y])] + list(ex.separator)
+  return next_token_label_log_probs(params, tokens + list(ex.prompts[i]))
+
+
+def parallel_reference(params, ex, labels, i):
+  """Header, each demo slot right-aligned to one end position, then query i."""
+  h = len(ex.header)
+  tail = 1 + len(ex.separator)
+  end = h + max(len(p) for p in ex.prompts) + tail
+  tokens, positions, slot = list(ex.header), list(range(h)), [-1] * h
+  for j, y in enumerate(labels):
+    if j == i or y < 0:
+      continue
+    demo = list(ex.prompts[j]) + [int(ex.label_token[y])] + list(ex.separator)
+    tokens += demo
+    positions += list(range(end - len(demo), end))
+    slot += [j] * len(demo)
+  q = list(ex.prompts[i])
+  tokens += q
+  positions += list(range(end, end + len(q)))
+  slot += [-2] * len(q)
+  slot = np.array(slot)
+  n = len(tokens)
+  idx = np.arange(n)
+  causal = idx[:, None] >= idx[None, :]
+  header_key = slot[None, :] == -1
+  same_slot = slot[:, None] == slot[None, :]
+  query_row = slot[:, None] == -2
+  mask = causal & (header_key | same_slot | query_row)
+  return next_token_label_log_probs(params, tokens, jnp.asarray([positions]),
+                                    jnp.asarray(mask[None]))
+
+
+@pytest.mark.parametrize("header_len", [0, 3])
+def test_exact_mode_equals_naive_prompts(params, header_len):
+  ex = make_examples(9, header_len)
+  labels = np.array([1, 0, -1, 1, 1, -1, 0, 0, 1])
+  out = LOOScorer(CFG, params, ex, ScoringConfig("exact", rows_per_chunk=4)
+                  ).score(labels, queries=np.ones(9, bool))
+  ref = np.array([exact_reference(params, ex, labels, i) for i in range(9)])
+  np.testing.assert_allclose(out.log_p_false, ref[:, 0], atol=1e-4)
+  np.testing.assert_allclose(out.log_p_true, ref[:, 1], atol=1e-4)
+  np.testing.assert_allclose(out.s, ref[:, 1] - ref[:, 0], atol=1e-4)
+
+
+@pytest.mark.parametrize("header_len", [0, 2])
+def test_parallel_mode_equals_explicit_sequences(params, header_len):
+  ex = make_examples(9, header_len, seed=1)
+  labels = np.array([1, 0, -1, 1, 1, -1, 0, 0, 1])
+  scorer = LOOScorer(CFG, params, ex, ScoringConfig("parallel", rows_per_chunk=4))
+  out = scorer.score(labels, queries=np.ones(9, bool))
+  ref = np.array([parallel_reference(params, ex, labels, i) for i in range(9)])
+  np.testing.assert_allclose(out.log_p_false, ref[:, 0], atol=1e-4)
+  np.testing.assert_allclose(out.log_p_true, ref[:, 1], atol=1e-4)
+  # Not vacuous: parallel semantics differ from exact prompts.
+  exact = np.array([exact_reference(params, ex, labels, i) for i in range(9)])
+  assert np.abs(ref - exact).max() > 1e-3
+
+
+def test_default_queries_are_the_labelled_examples(params):
+  ex = make_examples(6)
+  labels = np.array([1, -1, 0, -1, 1, 0])
+  out = LOOScorer(CFG, params, ex).score(labels)
+  assert np.isnan(out.s[[1, 3]]).all() and np.isfinite(out.s[[0, 2, 4, 5]]).all()
+
+
+@pytest.mark.parametrize("mode", ["exact", "parallel"])
+def test_candidate_batching_equals_separate_calls(params, mode):
+  ex = make_examples(8, seed=2)
+  base = np.array([1, 0, 1, -1, 0, 1, -1, 0])
+  cands = np.stack([base, np.where(base >= 0, 1 - base, -1),
+                    np.array([0, 0, 0, 0, 1, 1, 1, -1])])
+  scorer = LOOScorer(CFG, params, ex, ScoringConfig(mode, rows_per_chunk=4))
+  together = scorer.score(cands)
+  for k, cand in enumerate(cands):
+    alone = scorer.score(cand)
+    np.testing.assert_allclose(together.s[k], alone.s, atol=1e-5)
+    assert np.array_equal(np.isnan(together.s[k]), np.isnan(alone.s))
+
+
+@pytest.mark.parametrize("mode", ["exact", "parallel"])
+def test_growing_labelled_set_compiles_once_per_bucket(params, mode):
+  ex = make_examples(64, seed=3, sep=(3,))
+  scorer = LOOScorer(CFG, params, ex, ScoringConfig(mode, rows_per_chunk=8,
+                                                    min_seq_len=64))
+  labels = -np.ones(64, np.int32)
+  shapes = set()
+  for k in range(8, 65):
+    labels[:k] = np.arange(k) % 2
+    scorer.score(labels)
+    shapes.add(scorer.last_shape)
+  # Buckets, not steps: 57 evaluations, a handful of distinct shapes.
+  assert scorer.trace_count == len(shapes)
+  # At most two buckets per power of two per varying dimension (rows; and
+  # sequence length in exact mode) over 8..64 labelled examples.
+  assert len(shapes) <= (14 if mode == "exact" else 7)
+
+
+@pytest.mark.parametrize("mode", ["exact", "parallel"])
+def test_sharded_equals_unsharded(params, mode):
+  ex = make_examples(10, header_len=1, seed=4)
+  labels = np.array([1, 0, -1, 1, 1, -1, 0, 0, 1, 0])
+  mesh = sharding.create_mesh(sharding.MeshConfig(data=2, fsdp=2, tensor=2))
+  sharded_params = sharding.shard_params(
+      params, sharding.param_shardings(params, mesh))
+  plain = LOOScorer(CFG, params, ex, ScoringConfig(mode, rows_per_chunk=8))
+  meshed = LOOScorer(CFG, sharded_params, ex,
+                     ScoringConfig(mode, rows_per_chunk=8), mesh=mesh)
+  queries = np.ones(10, bool)
+  np.testing.assert_allclose(meshed.score(labels, queries).s,
+                             plain.score(labels, queries).s, atol=1e-5)
+
+
+def test_too_long_for_context_names_the_example(params):
+  small = CFG.replace(max_position_embeddings=40)
+  ex = make_examples(6, seed=5)
+  long_prompt = np.arange(8, 30, dtype=np.int32)
+  ex_long = ExampleTokens(ex.ids, ex.prompts[:3] + (long_prompt,) + ex.prompts[4:],
+                          ex.label_token, ex.separator, ex.header, LABEL_SETS)
+  with pytest.raises(ValueError, match=r"ex3.*44 tokens > model context 40"):
+    LOOScorer(small, params, ex_long)
+  scorer = LOOScorer(small, params, ex)
+  with pytest.raises(ValueError, match=r"LOO prompt for example 'ex\d'.*> model "
+                     r"context 40"):
+    scorer.score(np.ones(6, np.int32))
+
+
+def test_bad_labels_rejected(params):
+  scorer = LOOScorer(CFG, params, make_examples(4))
+  with pytest.raises(ValueError, match="labels must be"):
+    scorer.score(np.array([0, 1, 2, 0]))
+  with pytest.raises(ValueError, match="cover 3 examples"):
+    scorer.score(np.array([0, 1, 0]))
