@@ -424,6 +424,28 @@ def test_tiny_gguf_matches_torch_and_shards(tmp_path):
   tree_allclose(sharded.params, loaded.params)
 
 
+def test_gguf_llama3_rope_freqs(tmp_path):
+  """llama.cpp stores llama3 rope scaling as a `rope_freqs` tensor: refuse to
+  guess; accept the matching rope_scaling given as a config override."""
+  model = make_torch_model(GQA_UNTIED)
+  hd, theta = GQA_UNTIED["head_dim"], LLAMA3_ROPE["rope_theta"]
+  base = 1.0 / theta**(torch.arange(0, hd, 2, dtype=torch.float32) / hd)
+  factors = (base / model.model.rotary_emb.inv_freq).numpy().astype(np.float32)
+  assert factors.max() > 7  # scaling is really in effect
+  path = tmp_path / "llama3.gguf"
+  write_tiny_gguf(path, model, extra={"rope_freqs.weight": factors})
+  _raises(path, "rope_freqs.weight", "rope_scaling")
+  rope = {k: v for k, v in LLAMA3_ROPE.items() if k != "rope_theta"}
+  loaded = load_model(path, with_tokenizer=False,
+                      config_overrides={"rope_scaling": rope})
+  tokens = random_tokens(GQA_UNTIED["vocab_size"], length=40)
+  d = max_diff(our_logprobs(loaded.params, loaded.config, tokens),
+               torch_logprobs(model, tokens))
+  assert d <= TOL
+  wrong = dict(rope, factor=4.0)
+  _raises(path, "rope_freqs.weight", config_overrides={"rope_scaling": wrong})
+
+
 # -- bad input ----------------------------------------------------------------
 
 
@@ -522,8 +544,16 @@ def test_unexpected_extra_tensor(tmp_path, good_ckpt):
   _raises(d, name, "unexpected")
   with pytest.warns(UserWarning, match=name):
     loaded = load_model(d, with_tokenizer=False, strict=False)
-  tree_allclose(loaded.params, load_model(good_ckpt,
-                                          with_tokenizer=False).params)
+  good = load_model(good_ckpt, with_tokenizer=False).params
+  tree_allclose(loaded.params, good)
+  # A tied checkpoint that still carries lm_head.weight: warn, keep tying.
+  d2 = _copy(good_ckpt, tmp_path / "tied_head")
+  _rewrite(d2, lambda t: t.update(
+      {"lm_head.weight": np.ones((80, 32), np.float32)}))
+  with pytest.warns(UserWarning, match="lm_head.weight"):
+    loaded = load_model(d2, with_tokenizer=False)
+  assert "lm_head" not in loaded.params
+  tree_allclose(loaded.params, good)
 
 
 def test_bad_overrides_and_shardings(good_ckpt):

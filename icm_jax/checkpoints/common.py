@@ -156,7 +156,10 @@ def resolve_shardings(param_shardings: ShardingsArg, config: LlamaConfig,
                       treedef, specs: Sequence[ParamSpec]) -> List[Any]:
   """Flat list of one Sharding per spec (default device when none given)."""
   if param_shardings is None:
-    default = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    device = jax.config.jax_default_device
+    if not isinstance(device, jax.Device):
+      device = jax.devices()[0]
+    default = jax.sharding.SingleDeviceSharding(device)
     return [default] * len(specs)
   if callable(param_shardings) and not isinstance(param_shardings, Mapping):
     param_shardings = param_shardings(config)
@@ -221,6 +224,13 @@ def validate_source(source: TensorSource, specs: Sequence[ParamSpec], *,
           f"{source.location(name)}: tensor {name!r} has shape {actual}, "
           f"expected {spec.hf_shape} for this config")
   used = {n for n, _ in needed}
+  tied_head = "lm_head.weight"
+  if tied_head in available and tied_head not in used:
+    # Some exporters write the tied head anyway; transformers ignores it too.
+    warnings.warn(f"{source.location(tied_head)}: ignoring {tied_head!r} "
+                  "because the config ties it to the input embeddings "
+                  "(tie_word_embeddings=true)", stacklevel=3)
+    used.add(tied_head)
   extra = sorted(n for n in available - used - set(allowed_extra)
                  if not n.endswith(IGNORED_SUFFIXES))
   if extra:

@@ -72,7 +72,7 @@ def load_hf_config(path: str,
   overrides = check_overrides(config_overrides)
   try:
     return LlamaConfig.from_hf_config(hf, **overrides)
-  except ValueError as e:
+  except (ValueError, TypeError, KeyError, AttributeError) as e:
     msg = str(e)
     if msg.startswith(CONFIG_NAME + ": "):
       msg = msg[len(CONFIG_NAME) + 2:]

@@ -76,7 +76,10 @@ def load_model(path: str, *,
   with_tokenizer: also load the transformers tokenizer (from the directory, or
     from the GGUF metadata).
   strict: tensors the model has no parameter for raise CheckpointError; with
-    strict=False they only warn. (Missing or mis-shaped tensors always raise.)
+    strict=False they only warn. (Missing or mis-shaped tensors always raise;
+    `*.rotary_emb.inv_freq` buffers are skipped silently, and a `lm_head.weight`
+    in a tied-embeddings checkpoint is ignored with a warning, as transformers
+    does.)
 
   Raises CheckpointError (a ValueError) naming the file / tensor on bad input.
   """
