@@ -9,7 +9,6 @@ import copy
 import json
 import os
 import shutil
-import warnings
 
 import jax
 import jax.numpy as jnp

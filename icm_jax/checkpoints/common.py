@@ -153,7 +153,7 @@ ShardingsArg = Union[None, Any, Callable[[LlamaConfig], Any]]
 
 
 def resolve_shardings(param_shardings: ShardingsArg, config: LlamaConfig,
-                      treedef, specs: Sequence[ParamSpec]) -> List[Any]:
+                      specs: Sequence[ParamSpec]) -> List[Any]:
   """Flat list of one Sharding per spec (default device when none given)."""
   if param_shardings is None:
     device = jax.config.jax_default_device
@@ -164,8 +164,8 @@ def resolve_shardings(param_shardings: ShardingsArg, config: LlamaConfig,
   if callable(param_shardings) and not isinstance(param_shardings, Mapping):
     param_shardings = param_shardings(config)
   is_sharding = lambda x: isinstance(x, jax.sharding.Sharding)
-  leaves, got_def = jax.tree_util.tree_flatten_with_path(
-      param_shardings, is_leaf=is_sharding)
+  leaves, _ = jax.tree_util.tree_flatten_with_path(param_shardings,
+                                                    is_leaf=is_sharding)
   got = {path_names(p): s for p, s in leaves}
   want = [s.path for s in specs]
   missing = ["/".join(p) for p in want if p not in got]
@@ -252,7 +252,7 @@ def build_params(source: TensorSource, config: LlamaConfig,
   memory peaks at about one device-shard of one parameter.
   """
   treedef, specs = param_specs(config)
-  shardings = resolve_shardings(param_shardings, config, treedef, specs)
+  shardings = resolve_shardings(param_shardings, config, specs)
   validate_source(source, specs, strict=strict, allowed_extra=allowed_extra)
   dtype = np.dtype(config.params_dtype)
   leaves = []
@@ -316,8 +316,8 @@ def _to_host(x) -> np.ndarray:
 def iter_hf_tensors(params, config: LlamaConfig) -> Iterator[HFTensor]:
   """Our params as HF-named tensors, in HF order; each fetched lazily (one
   layer of one parameter at a time)."""
-  treedef, specs = param_specs(config)
-  leaves, got_def = jax.tree_util.tree_flatten_with_path(params)
+  _, specs = param_specs(config)
+  leaves, _ = jax.tree_util.tree_flatten_with_path(params)
   got = {path_names(p): x for p, x in leaves}
   want = {s.path for s in specs}
   missing = ["/".join(p) for p in want if p not in got]

@@ -151,7 +151,6 @@ class GGUFSource(TensorSource):
     self.reader, self.path = reader, path
     self.by_gguf = {t.name: t for t in reader.tensors}
     self._hf: Dict[str, str] = {}
-    self._extra = []
     for name in self.by_gguf:
       self._hf[name] = name  # unmapped names keep their GGUF name
     _, specs = param_specs(config)

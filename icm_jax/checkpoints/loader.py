@@ -7,7 +7,7 @@ from typing import Any, Mapping, NamedTuple, Optional
 
 from icm_jax.checkpoints.common import CheckpointError, ShardingsArg
 from icm_jax.checkpoints.gguf import load_gguf
-from icm_jax.checkpoints.hf import CONFIG_NAME, load_hf_config, load_hf_params
+from icm_jax.checkpoints.hf import load_hf_config, load_hf_params
 from icm_jax.model.config import LlamaConfig
 
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json",
