@@ -169,7 +169,7 @@ def test_too_long_for_context_names_the_example(params):
   long_prompt = np.arange(8, 30, dtype=np.int32)
   ex_long = ExampleTokens(ex.ids, ex.prompts[:3] + (long_prompt,) + ex.prompts[4:],
                           ex.label_token, ex.separator, ex.header, LABEL_SETS)
-  with pytest.raises(ValueError, match=r"ex3.*44 tokens > model context 40"):
+  with pytest.raises(ValueError, match=r"ex3.*47 tokens > model context 40"):
     LOOScorer(small, params, ex_long)
   scorer = LOOScorer(small, params, ex)
   with pytest.raises(ValueError, match=r"LOO prompt for example 'ex\d'.*> model "
