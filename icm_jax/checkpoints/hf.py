@@ -264,9 +264,7 @@ def save_hf_checkpoint(params, config: LlamaConfig, out_dir: str, *,
     for f in os.listdir(out_dir):
       if f in (SINGLE_FILE, INDEX_NAME) or _SHARD_RE.match(f):
         os.remove(os.path.join(out_dir, f))
-    hf = config.to_hf_config(torch_dtype=dtype)
-    hf.pop("torch_dtype", None)
-    hf["dtype"] = dtype  # the transformers>=5 spelling
+    hf = config.to_hf_config(dtype=dtype)
     written.append(_write_json(os.path.join(out_dir, CONFIG_NAME), hf))
 
   weight_map: Dict[str, str] = {}

@@ -154,7 +154,7 @@ class LlamaConfig:
     kwargs.update(overrides)
     return cls(**kwargs)
 
-  def to_hf_config(self, torch_dtype: str = "float32") -> dict:
+  def to_hf_config(self, dtype: str = "float32") -> dict:
     """The `config.json` dict that transformers' LlamaForCausalLM loads."""
     hf = {
         "architectures": ["LlamaForCausalLM"],
@@ -173,7 +173,7 @@ class LlamaConfig:
         "tie_word_embeddings": self.tie_word_embeddings,
         "attention_bias": False,
         "mlp_bias": False,
-        "torch_dtype": torch_dtype,
+        "dtype": dtype,  # transformers>=5 spelling (was torch_dtype)
     }
     rope = {"rope_type": "default", "rope_theta": self.rope_theta}
     if self.rope_scaling is not None:
