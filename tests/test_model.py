@@ -146,3 +146,20 @@ def test_hf_config_round_trip_and_validation():
     TINY.replace(num_kv_heads=3)
   with pytest.raises(ValueError, match="dtype"):
     TINY.replace(dtype="float8")
+
+
+@pytest.mark.parametrize("block", [4, 5, 64])
+def test_blocked_attention_equals_dense(params, block):
+  """Query blocks that skip future key blocks give the dense result, also
+  with a KV-cache prefix and a non-causal-looking (all True) mask."""
+  cfg = TINY.replace(attention_block_size=block)
+  tokens = np.random.RandomState(8).randint(0, 97, (2, 19))
+  dense = _run(params, tokens)
+  np.testing.assert_allclose(_run(params, tokens, config=cfg), dense, atol=1e-5)
+  all_true = jnp.ones((2, 19, 19), jnp.bool_)  # future keys masked anyway
+  np.testing.assert_allclose(_run(params, tokens, mask=all_true, config=cfg),
+                             dense, atol=1e-5)
+  _, cache = _run(params, tokens[:, :7], return_kv=True)
+  suffix = _run(params, tokens[:, 7:], masks.default_positions(2, 12, 7),
+                jnp.ones((2, 12, 19), jnp.bool_), kv_cache=cache, config=cfg)
+  np.testing.assert_allclose(suffix, dense[:, 7:], atol=1e-5)

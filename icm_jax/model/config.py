@@ -64,6 +64,9 @@ class LlamaConfig:
   param_dtype: str = "float32"
   # Rematerialise each decoder layer in the backward pass (trainer memory).
   remat: bool = False
+  # Query-block size of causal attention (0 = one dense block). Blocks skip
+  # key blocks in their future: fewer FLOPs on long sequences on CPU/GPU.
+  attention_block_size: int = 512
 
   def __post_init__(self):
     positive = ("vocab_size", "hidden_size", "intermediate_size", "num_layers",
@@ -77,6 +80,9 @@ class LlamaConfig:
       raise ValueError(
           f"LlamaConfig.num_heads={self.num_heads} must be a multiple of "
           f"num_kv_heads={self.num_kv_heads} (grouped-query attention)")
+    if not isinstance(self.attention_block_size, int) or self.attention_block_size < 0:
+      raise ValueError("LlamaConfig.attention_block_size must be an int >= 0, "
+                       f"got {self.attention_block_size!r}")
     if self.rms_norm_eps <= 0 or self.rope_theta <= 0:
       raise ValueError("LlamaConfig.rms_norm_eps and rope_theta must be > 0")
     dtype_from_name(self.dtype)

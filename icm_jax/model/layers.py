@@ -112,11 +112,39 @@ class Attention(nn.Module):
     if cached_kv is not None:
       k = jnp.concatenate([cached_kv[0].astype(k.dtype), k], axis=1)
       v = jnp.concatenate([cached_kv[1].astype(v.dtype), v], axis=1)
-    # XLA path: float32 logits and softmax, GQA handled natively.
-    out = jax.nn.dot_product_attention(
-        q, k, v, mask=attention_mask[:, None, :, :], scale=hd**-0.5)
+    out = causal_attention(q, k, v, attention_mask, scale=hd**-0.5,
+                           prefix_len=k.shape[1] - length,
+                           block=cfg.attention_block_size)
     out = out.reshape(batch, length, cfg.num_heads * hd)
     return _dense(cfg.hidden_size, "o_proj", cfg)(out), new_kv
+
+
+def causal_attention(q, k, v, mask, *, scale: float, prefix_len: int,
+                     block: int = 0):
+  """softmax(q k^T) v over keys [prefix | this chunk], never attending ahead.
+
+  q [B, T, H, D]; k, v [B, prefix_len + T, KV, D]; mask [B, T, prefix_len + T].
+  Keys of this chunk after the query position are always masked (the model is
+  a causal decoder; `mask` only removes more keys). That guarantee lets
+  `block` > 0 split queries into blocks of `block` rows that skip the key
+  blocks wholly in their future: ~half the attention FLOPs for long chunks.
+  Logits and softmax are float32 (XLA path of jax.nn.dot_product_attention;
+  GQA handled natively).
+  """
+  length = q.shape[1]
+  qi = jnp.arange(length)[:, None]
+  ki = jnp.arange(prefix_len + length)[None, :] - prefix_len
+  mask = mask & (ki <= qi)[None]
+  if not block or length <= block:
+    return jax.nn.dot_product_attention(q, k, v, mask=mask[:, None], scale=scale)
+  outs = []
+  for start in range(0, length, block):
+    stop = min(start + block, length)
+    keys = prefix_len + stop
+    outs.append(jax.nn.dot_product_attention(
+        q[:, start:stop], k[:, :keys], v[:, :keys],
+        mask=mask[:, None, start:stop, :keys], scale=scale))
+  return jnp.concatenate(outs, axis=1)
 
 
 class MLP(nn.Module):
