@@ -84,10 +84,12 @@ def parallel_reference(params, ex, labels, i):
 
 
 @pytest.mark.parametrize("header_len", [0, 3])
-def test_exact_mode_equals_naive_prompts(params, header_len):
+@pytest.mark.parametrize("prefix_sharing", [False, True])
+def test_exact_mode_equals_naive_prompts(params, header_len, prefix_sharing):
   ex = make_examples(9, header_len)
   labels = np.array([1, 0, -1, 1, 1, -1, 0, 0, 1])
-  out = LOOScorer(CFG, params, ex, ScoringConfig("exact", rows_per_chunk=4)
+  out = LOOScorer(CFG, params, ex, ScoringConfig(
+      "exact", rows_per_chunk=4, prefix_sharing=prefix_sharing)
                   ).score(labels, queries=np.ones(9, bool))
   ref = np.array([exact_reference(params, ex, labels, i) for i in range(9)])
   np.testing.assert_allclose(out.log_p_false, ref[:, 0], atol=1e-4)
@@ -116,13 +118,17 @@ def test_default_queries_are_the_labelled_examples(params):
   assert np.isnan(out.s[[1, 3]]).all() and np.isfinite(out.s[[0, 2, 4, 5]]).all()
 
 
-@pytest.mark.parametrize("mode", ["exact", "parallel"])
-def test_candidate_batching_equals_separate_calls(params, mode):
+MODES = [("exact", False), ("exact", True), ("parallel", False)]
+
+
+@pytest.mark.parametrize("mode,shared", MODES)
+def test_candidate_batching_equals_separate_calls(params, mode, shared):
   ex = make_examples(8, seed=2)
   base = np.array([1, 0, 1, -1, 0, 1, -1, 0])
   cands = np.stack([base, np.where(base >= 0, 1 - base, -1),
                     np.array([0, 0, 0, 0, 1, 1, 1, -1])])
-  scorer = LOOScorer(CFG, params, ex, ScoringConfig(mode, rows_per_chunk=4))
+  scorer = LOOScorer(CFG, params, ex, ScoringConfig(mode, rows_per_chunk=4,
+                                                    prefix_sharing=shared))
   together = scorer.score(cands)
   for k, cand in enumerate(cands):
     alone = scorer.score(cand)
@@ -130,34 +136,37 @@ def test_candidate_batching_equals_separate_calls(params, mode):
     assert np.array_equal(np.isnan(together.s[k]), np.isnan(alone.s))
 
 
-@pytest.mark.parametrize("mode", ["exact", "parallel"])
-def test_growing_labelled_set_compiles_once_per_bucket(params, mode):
+@pytest.mark.parametrize("mode,shared", MODES)
+def test_growing_labelled_set_compiles_once_per_bucket(params, mode, shared):
   ex = make_examples(64, seed=3, sep=(3,))
-  scorer = LOOScorer(CFG, params, ex, ScoringConfig(mode, rows_per_chunk=8,
-                                                    min_seq_len=64))
+  scorer = LOOScorer(CFG, params, ex, ScoringConfig(
+      mode, rows_per_chunk=8, min_seq_len=64, prefix_sharing=shared))
   labels = -np.ones(64, np.int32)
   shapes = set()
   for k in range(8, 65):
     labels[:k] = np.arange(k) % 2
     scorer.score(labels)
     shapes.add(scorer.last_shape)
-  # Buckets, not steps: 57 evaluations, a handful of distinct shapes.
-  assert scorer.trace_count == len(shapes)
-  # At most two buckets per power of two per varying dimension (rows; and
-  # sequence length in exact mode) over 8..64 labelled examples.
-  assert len(shapes) <= (14 if mode == "exact" else 7)
+  # Buckets, not steps: 57 evaluations, one compilation per distinct shape.
+  assert scorer.trace_count == len(shapes) < 57
+  # Each dimension takes at most two bucket values per power of two, and as
+  # the set grows monotonically, every new shape moves some dimension on.
+  dims = [sorted(set(d)) for d in zip(*shapes)]
+  for values in dims:
+    assert len(values) <= 2 * (np.log2(values[-1] / values[0]) + 1)
+  assert len(shapes) <= 1 + sum(len(v) - 1 for v in dims)
 
 
-@pytest.mark.parametrize("mode", ["exact", "parallel"])
-def test_sharded_equals_unsharded(params, mode):
+@pytest.mark.parametrize("mode,shared", MODES)
+def test_sharded_equals_unsharded(params, mode, shared):
   ex = make_examples(10, header_len=1, seed=4)
   labels = np.array([1, 0, -1, 1, 1, -1, 0, 0, 1, 0])
   mesh = sharding.create_mesh(sharding.MeshConfig(data=2, fsdp=2, tensor=2))
   sharded_params = sharding.shard_params(
       params, sharding.param_shardings(params, mesh))
-  plain = LOOScorer(CFG, params, ex, ScoringConfig(mode, rows_per_chunk=8))
-  meshed = LOOScorer(CFG, sharded_params, ex,
-                     ScoringConfig(mode, rows_per_chunk=8), mesh=mesh)
+  config = ScoringConfig(mode, rows_per_chunk=8, prefix_sharing=shared)
+  plain = LOOScorer(CFG, params, ex, config)
+  meshed = LOOScorer(CFG, sharded_params, ex, config, mesh=mesh)
   queries = np.ones(10, bool)
   np.testing.assert_allclose(meshed.score(labels, queries).s,
                              plain.score(labels, queries).s, atol=1e-5)

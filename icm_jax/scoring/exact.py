@@ -3,23 +3,33 @@
 Rows are assembled on device from (labels, query index) so only O(N) integers
 cross from the host per call; `lax.map` walks micro-batches of rows so memory
 is bounded by `rows_per_chunk` rows, not by N.
+
+Prefix sharing (`exact_shared_scores`): with F = header + all labelled demos,
+row i = F[:start_i] + F[end_i:] + prompt_i. Keys/values of F are computed once
+per assignment; each row then runs only its suffix F[end_i:] + prompt_i
+against the first start_i cached positions. Suffixes are packed two to a
+sequence (long with short) so a packed sequence is about as long as F.
 """
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 
-from icm_jax.model import forward, masks
+from icm_jax.model import KVCache, forward, masks
 from icm_jax.scoring.common import ExampleArrays, constrain_batch, label_log_probs
 
 
 def exact_row_tokens(data: ExampleArrays, labels: jax.Array, query: jax.Array,
-                     *, seq_len: int, header_len: int, sep_len: int):
+                     *, seq_len: int, header_len: int, sep_len: int,
+                     with_query: bool = True):
   """Tokens [seq_len] and true length of one LOO row.
 
   Row = header + demos (prompt_j, label token, separator) of every labelled
-  j != query, in example order + prompt_query; right-padded with 0.
+  j != query, in example order + prompt_query; right-padded with 0. With
+  query=-1 and with_query=False: the full demonstration sequence F.
   """
   num, width = data.prompt_tokens.shape
   prompt_len = data.prompt_len
@@ -28,7 +38,7 @@ def exact_row_tokens(data: ExampleArrays, labels: jax.Array, query: jax.Array,
   ends = header_len + jnp.cumsum(demo_len)
   starts = ends - demo_len
   demo_end = ends[-1]
-  row_len = demo_end + prompt_len[query]
+  row_len = demo_end + (prompt_len[query] if with_query else 0)
 
   t = jnp.arange(seq_len)
   j = jnp.clip(jnp.searchsorted(ends, t, side="right"), 0, num - 1)
@@ -75,3 +85,64 @@ def exact_scores(params, data: ExampleArrays, labels, row_candidate, row_query,
 
   lp_false, lp_true = jax.lax.map(one_chunk, (cand, query))
   return lp_false.reshape(num_rows), lp_true.reshape(num_rows)
+
+
+def exact_shared_scores(params, data: ExampleArrays, labels, slot_candidate,
+                        slot_query, slot_start, slot_len, *, model_config,
+                        token_sets, full_len: int, packed_len: int,
+                        header_len: int, sep_len: int, groups: int = 1,
+                        batch_sharding_fn=None):
+  """(log P(False), log P(True)) [P, 2] for P packed sequences of 2 slots.
+
+  slot_candidate/slot_query/slot_start/slot_len: [P, 2] int32 — the slot's
+  assignment, example, prefix length start_i and suffix length (0 = empty
+  slot). Both slots of a sequence share a candidate. full_len: static bucket
+  of the F length; packed_len: static bucket of the packed suffix length.
+  P must be a multiple of `groups` (sequences per micro-batch).
+  """
+  num_cand = labels.shape[0]
+  build = functools.partial(exact_row_tokens, data, seq_len=full_len,
+                            header_len=header_len, sep_len=sep_len)
+  full_tokens, full_lengths = jax.vmap(
+      lambda lab: build(lab, -1, with_query=False))(labels)
+  full_tokens = constrain_batch(full_tokens, batch_sharding_fn)
+  # Hidden states are discarded: only F's keys/values are needed.
+  _, cache = forward(params, full_tokens,
+                     masks.default_positions(num_cand, full_len),
+                     masks.padded_causal_mask(full_lengths, full_len),
+                     config=model_config, return_kv=True, return_hidden=True,
+                     logit_positions=jnp.zeros((num_cand, 1), jnp.int32))
+
+  def packed_inputs(cand, query, start, length):  # each [2]
+    rows = jax.vmap(lambda c, q: build(labels[c], q,
+                                       seq_len=full_len + data.prompt_tokens.shape[1])[0]
+                    )(cand, query)                         # [2, T + Lp]
+    u = jnp.arange(packed_len)
+    second = u >= length[0]
+    slot = second.astype(jnp.int32)
+    k = u - jnp.where(second, length[0], 0)
+    valid = u < length[0] + length[1]
+    src = jnp.clip(start[slot] + k, 0, rows.shape[1] - 1)
+    tokens = jnp.where(valid, rows[slot, src], 0)
+    positions = jnp.where(valid, start[slot] + k, 0)
+    cache_mask = jnp.arange(full_len)[None, :] < start[slot][:, None]
+    same = (slot[:, None] == slot[None, :]) & valid[None, :]
+    self_mask = same | (u[:, None] == u[None, :])   # causality added by model
+    mask = jnp.concatenate([cache_mask, self_mask], axis=1)
+    read_at = jnp.maximum(jnp.cumsum(length) - 1, 0)
+    return tokens, positions, mask, read_at
+
+  def one_chunk(args):  # `groups` packed sequences side by side
+    cand, query, start, length = args
+    tokens, positions, mask, read_at = jax.vmap(packed_inputs)(
+        cand, query, start, length)
+    tokens = constrain_batch(tokens, batch_sharding_fn)
+    kv = KVCache(*(a[:, cand[:, 0]] for a in cache))
+    logits = forward(params, tokens, positions, mask, config=model_config,
+                     kv_cache=kv, logit_positions=read_at)
+    return label_log_probs(logits, token_sets)
+
+  chunked = [a.reshape((-1, groups) + a.shape[1:])
+             for a in (slot_candidate, slot_query, slot_start, slot_len)]
+  lp_false, lp_true = jax.lax.map(one_chunk, tuple(chunked))
+  return lp_false.reshape(-1, 2), lp_true.reshape(-1, 2)

@@ -34,7 +34,8 @@ class ScoringConfig:
   """mode: "exact" (the paper's LOO prompts) or "parallel" (one-pass LOO).
 
   rows_per_chunk: LOO rows per micro-batch inside the jitted call (memory
-  bound); rounded up to a multiple of the mesh's batch divisor.
+  bound); rounded up to a multiple of the mesh's batch divisor. With prefix
+  sharing a micro-batch is one packed sequence (two rows) per batch shard.
   min_rows / min_seq_len: smallest row-count and sequence-length buckets.
   """
 
@@ -42,6 +43,9 @@ class ScoringConfig:
   rows_per_chunk: int = 8
   min_rows: int = 8
   min_seq_len: int = 64
+  # Exact mode: compute the shared demonstration prefix once per assignment
+  # and run only each row's suffix (about half the tokens).
+  prefix_sharing: bool = True
 
   def __post_init__(self):
     if self.mode not in MODES:
@@ -105,6 +109,8 @@ class LOOScorer:
             f"{longest[worst]} tokens > model context {context}")
       self._kernel = jax.jit(self._exact_kernel,
                              static_argnames=("seq_len",))
+      self._shared_kernel = jax.jit(self._exact_shared_kernel,
+                                    static_argnames=("full_len", "packed_len"))
     else:
       self._end_position = self._header_len + width + 1 + self._sep_len
       if self._end_position + width > context:
@@ -138,6 +144,16 @@ class LOOScorer:
         token_sets=self._token_sets, seq_len=seq_len,
         header_len=self._header_len, sep_len=self._sep_len,
         rows_per_chunk=self._chunk, batch_sharding_fn=self._batch_sharding_fn)
+
+  def _exact_shared_kernel(self, params, data, labels, cand, query, start,
+                           length, *, full_len, packed_len):
+    self.trace_count += 1
+    return exact.exact_shared_scores(
+        params, data, labels, cand, query, start, length,
+        model_config=self.model_config, token_sets=self._token_sets,
+        full_len=full_len, packed_len=packed_len, header_len=self._header_len,
+        sep_len=self._sep_len, groups=self._groups,
+        batch_sharding_fn=self._batch_sharding_fn)
 
   def _parallel_kernel(self, params, data, cache, labels, cand, query):
     self.trace_count += 1
@@ -175,6 +191,8 @@ class LOOScorer:
     return Scores(lp_false, lp_true)
 
   def _score_rows(self, labels, cand_idx, query_idx):
+    if self.config.mode == "exact" and self.config.prefix_sharing:
+      return self._score_rows_shared(labels, cand_idx, query_idx)
     num_rows = len(query_idx)
     rows = bucket(num_rows, self.config.min_rows, self._chunk)
     cands = bucket(labels.shape[0])
@@ -196,6 +214,49 @@ class LOOScorer:
       lf, lt = self._call(self._kernel, self.params, self._data, self._cache,
                           *args)
     return np.asarray(lf)[:num_rows], np.asarray(lt)[:num_rows]
+
+  def _score_rows_shared(self, labels, cand_idx, query_idx):
+    self._exact_max_len(labels, cand_idx, query_idx)  # context check
+    labelled = labels >= 0
+    ends = self._header_len + np.cumsum(np.where(labelled, self._demo_len, 0),
+                                        axis=1)
+    full = ends[:, -1]                                    # len(F) per candidate
+    own = labelled[cand_idx, query_idx]
+    end = np.where(own, ends[cand_idx, query_idx], full[cand_idx])
+    start = np.where(own, end - self._demo_len[query_idx], end)
+    suffix = full[cand_idx] - end + self._prompt_len[query_idx]
+    # Pair the longest suffix with the shortest, within each candidate.
+    pairs = []
+    for c in np.unique(cand_idx):
+      rows = np.nonzero(cand_idx == c)[0]
+      rows = rows[np.argsort(start[rows], kind="stable")]
+      for k in range((len(rows) + 1) // 2):
+        other = len(rows) - 1 - k
+        pairs.append((rows[k], rows[other] if other > k else -1))
+    pairs = np.array(pairs, np.int64)
+    num_seq = bucket(len(pairs), max(1, self.config.min_rows // 2), self._groups)
+    slot = lambda values, fill: np.where(pairs >= 0, values[pairs], fill)
+    fields = [slot(cand_idx, 0), slot(query_idx, 0), slot(start, 0),
+              slot(suffix, 0)]
+    padded = [np.zeros((num_seq, 2), np.int32) for _ in fields]
+    for dst, src in zip(padded, fields):
+      dst[:len(pairs)] = src
+    full_len = bucket(int(full.max()), self.config.min_seq_len)
+    packed_len = bucket(int(padded[3].sum(axis=1).max()),
+                        self.config.min_seq_len)
+    cands = bucket(labels.shape[0])
+    labels_b = np.concatenate(
+        [labels, np.repeat(labels[:1], cands - labels.shape[0], axis=0)])
+    self.last_shape = (cands, num_seq, full_len, packed_len)
+    lf, lt = self._call(self._shared_kernel, self.params, self._data,
+                        jnp.asarray(labels_b), *map(jnp.asarray, padded),
+                        full_len=full_len, packed_len=packed_len)
+    lf, lt = np.asarray(lf)[:len(pairs)], np.asarray(lt)[:len(pairs)]
+    out_f = np.empty(len(query_idx), np.float32)
+    out_t = np.empty(len(query_idx), np.float32)
+    used = pairs >= 0
+    out_f[pairs[used]], out_t[pairs[used]] = lf[used], lt[used]
+    return out_f, out_t
 
   def _call(self, fn, *args, **kwargs):
     if self.mesh is None:
