@@ -86,6 +86,8 @@ def main():
                       help="largest N for the (slow) per-prompt baseline")
   parser.add_argument("--repeats", type=int, default=3)
   parser.add_argument("--rows_per_chunk", type=int, default=8)
+  parser.add_argument("--unshared", action="store_true",
+                      help="also time exact mode without prefix sharing")
   parser.add_argument("--json", default=None, help="write results here")
   args = parser.parse_args()
   gguf = args.gguf or default_gguf()
@@ -107,17 +109,23 @@ def main():
       torch_baseline = TorchBaseline(gguf, model.tokenizer,
                                      pieces.label_token_sets)
     runners, setup = {}, {}
-    for mode in ("exact", "parallel"):
+    modes = {"exact": ScoringConfig("exact", rows_per_chunk=args.rows_per_chunk),
+             "parallel": ScoringConfig("parallel",
+                                       rows_per_chunk=args.rows_per_chunk)}
+    if args.unshared:
+      modes["exact_unshared"] = ScoringConfig(
+          "exact", rows_per_chunk=args.rows_per_chunk, prefix_sharing=False)
+    for mode, scoring_config in modes.items():
       t0 = time.perf_counter()
-      scorer = LOOScorer(model.config, model.params, pieces,
-                         ScoringConfig(mode, rows_per_chunk=args.rows_per_chunk))
+      scorer = LOOScorer(model.config, model.params, pieces, scoring_config)
       first = scorer.score(labels).s  # compile (+ demo cache) excluded below
       setup[mode] = time.perf_counter() - t0
       runners[mode] = (lambda sc=scorer: sc.score(labels).s)
       runners[mode + "_first"] = first
     if n <= args.torch_max:
       runners["torch"] = lambda: torch_baseline.evaluate(prompts, labels, words)
-    times = {k: [] for k in ("torch", "exact", "parallel") if k in runners}
+    times = {k: [] for k in ("torch", "exact_unshared", "exact", "parallel")
+             if k in runners}
     results = {}
     for _ in range(args.repeats):  # interleaved
       for k in times:
@@ -135,6 +143,10 @@ def main():
       row["exact_speedup_vs_torch"] = med["torch"] / med["exact"]
       row["max_abs_diff_exact_vs_torch"] = float(
           np.abs(results["exact"] - results["torch"]).max())
+    if "exact_unshared" in med:
+      row["prefix_sharing_speedup"] = med["exact_unshared"] / med["exact"]
+      row["max_abs_diff_shared_vs_unshared"] = float(
+          np.abs(results["exact"] - results["exact_unshared"]).max())
     row["parallel_speedup_vs_exact"] = med["exact"] / med["parallel"]
     row["spearman_parallel_exact"] = spearman(results["parallel"], results["exact"])
     row["sign_agreement_parallel_exact"] = float(
@@ -143,12 +155,14 @@ def main():
     print(json.dumps({k: (float(f"{v:.4g}") if isinstance(v, float) else v)
                       for k, v in row.items()}), flush=True)
 
-  print("\n| N | LOO tokens | torch per-prompt s | exact s | parallel s | "
-        "exact/torch speedup | parallel/exact speedup | spearman | sign agree |")
-  print("|---|---|---|---|---|---|---|---|---|")
+  print("\n| N | LOO tokens | (a) torch per-prompt s | exact, no prefix "
+        "sharing s | (b) exact s | (c) parallel s | (a)/(b) | (b)/(c) | "
+        "spearman (c)~(b) | sign agree |")
+  print("|---|---|---|---|---|---|---|---|---|---|")
   for r in rows:
     fmt = lambda k, f="{:.3f}": f.format(r[k]) if k in r else "-"
-    print(f"| {r['n']} | {r['loo_tokens']} | {fmt('torch_s')} | {fmt('exact_s')} "
+    print(f"| {r['n']} | {r['loo_tokens']} | {fmt('torch_s')} | "
+          f"{fmt('exact_unshared_s')} | {fmt('exact_s')} "
           f"| {fmt('parallel_s')} | {fmt('exact_speedup_vs_torch', '{:.2f}x')} | "
           f"{fmt('parallel_speedup_vs_exact', '{:.1f}x')} | "
           f"{fmt('spearman_parallel_exact', '{:.3f}')} | "
