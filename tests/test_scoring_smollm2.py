@@ -13,7 +13,12 @@ from icm_jax.scoring import LOOScorer, ScoringConfig
 from icm_jax.tasks.templates import TRUTHFULQA
 from icm_jax.tokenization import LabelWords, label_token_sets, tokenize_examples
 
-DATA = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "icm")
+# The ICM data beside the checkout (../shared/data), or wherever
+# $ICM_SHARED_DATA points.
+DATA = os.path.join(
+    os.environ.get("ICM_SHARED_DATA") or os.path.join(
+        os.path.dirname(os.path.abspath(__file__)), "..", "..", "shared", "data"),
+    "icm")
 
 
 def truthfulqa_records(split):
