@@ -37,7 +37,8 @@ from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 import numpy as np
 
 from icm_jax.model.config import LlamaConfig
-from icm_jax.model.llama import KVCache, forward, init_params, param_shapes
+from icm_jax.model.llama import (KVCache, forward, init_params, key_path_names,
+                                 param_shapes)
 
 AXES: Tuple[str, str, str] = ("data", "fsdp", "tensor")
 # Activations' batch dim is split over both data-parallel axes.
@@ -175,15 +176,7 @@ LLAMA_RULES: Tuple[Rule, ...] = (
 
 def path_to_str(path: Tuple[Any, ...]) -> str:
   """'/'-joined key path, e.g. 'layers/self_attn/q_proj/kernel'."""
-  parts = []
-  for key in path:
-    for attr in ("key", "name", "idx"):
-      if hasattr(key, attr):
-        parts.append(str(getattr(key, attr)))
-        break
-    else:
-      parts.append(str(key))
-  return "/".join(parts)
+  return "/".join(key_path_names(path))
 
 
 def _axes_of(entry) -> Tuple[str, ...]:

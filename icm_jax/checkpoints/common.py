@@ -20,7 +20,7 @@ import jax
 import numpy as np
 
 from icm_jax.model.config import LlamaConfig, RopeScaling
-from icm_jax.model.llama import param_shapes
+from icm_jax.model.llama import key_path_names, param_shapes
 
 
 class CheckpointError(ValueError):
@@ -57,16 +57,7 @@ class TensorSource:
 # -- parameter layout ---------------------------------------------------------
 
 
-def path_names(path) -> Tuple[str, ...]:
-  out = []
-  for k in path:
-    for attr in ("key", "name", "idx"):
-      if hasattr(k, attr):
-        out.append(str(getattr(k, attr)))
-        break
-    else:
-      out.append(str(k))
-  return tuple(out)
+path_names = key_path_names
 
 
 @dataclasses.dataclass(frozen=True)

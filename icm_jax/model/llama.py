@@ -120,6 +120,19 @@ class Llama(nn.Module):
     return out
 
 
+def key_path_names(path) -> tuple:
+  """Names along a jax key path, e.g. ('layers', 'self_attn', 'q_proj', 'kernel')."""
+  names = []
+  for key in path:
+    for attr in ("key", "name", "idx"):
+      if hasattr(key, attr):
+        names.append(str(getattr(key, attr)))
+        break
+    else:
+      names.append(str(key))
+  return tuple(names)
+
+
 def init_params(config: LlamaConfig, rng: jax.Array):
   """Random parameters (normal(0.02) weights, unit norms) as a plain pytree."""
   tokens = jnp.zeros((1, 1), jnp.int32)
