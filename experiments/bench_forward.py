@@ -8,12 +8,18 @@ alternating JAX and PyTorch runs so that machine noise hits both alike.
 
   python experiments/bench_forward.py                  # 1 x 2048 tokens, fp32
   python experiments/bench_forward.py --seq-len 512 --repeats 3
-  python experiments/bench_forward.py --xla-flags="--xla_cpu_use_thunk_runtime=false"
+  python experiments/bench_forward.py --config attention_block_size=256
+  python experiments/bench_forward.py --xla-flags="--xla_cpu_experimental_ynn_fusion_type="
   python experiments/bench_forward.py --jax-impl package --jax-impl my_variant.py:forward
 
 `--jax-impl FILE.py:FN` times an alternative forward side by side with the
 package one; FN must have the signature of `icm_jax.model.forward`
 (params, tokens, positions, attention_mask, *, config).
+
+Timings are only comparable when nothing else runs: on a shared machine both
+sides slow down, PyTorch's OpenMP threads far more than XLA's, so the ratio
+flatters JAX. The script prints the load average; 'cpu s' (process CPU time)
+is less sensitive to other load than wall time.
 """
 
 from __future__ import annotations
