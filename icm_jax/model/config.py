@@ -66,7 +66,7 @@ class LlamaConfig:
   remat: bool = False
   # Query-block size of causal attention (0 = one dense block). Blocks skip
   # key blocks in their future: fewer FLOPs on long sequences on CPU/GPU.
-  attention_block_size: int = 512
+  attention_block_size: int = 256
 
   def __post_init__(self):
     positive = ("vocab_size", "hidden_size", "intermediate_size", "num_layers",

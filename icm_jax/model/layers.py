@@ -128,23 +128,57 @@ def causal_attention(q, k, v, mask, *, scale: float, prefix_len: int,
   a causal decoder; `mask` only removes more keys). That guarantee lets
   `block` > 0 split queries into blocks of `block` rows that skip the key
   blocks wholly in their future: ~half the attention FLOPs for long chunks.
-  Logits and softmax are float32 (XLA path of jax.nn.dot_product_attention;
-  GQA handled natively).
+  Logits and softmax are float32; GQA handled natively.
   """
   length = q.shape[1]
   qi = jnp.arange(length)[:, None]
   ki = jnp.arange(prefix_len + length)[None, :] - prefix_len
   mask = mask & (ki <= qi)[None]
   if not block or length <= block:
-    return jax.nn.dot_product_attention(q, k, v, mask=mask[:, None], scale=scale)
+    return _attention(q, k, v, mask, scale)
   outs = []
   for start in range(0, length, block):
     stop = min(start + block, length)
     keys = prefix_len + stop
-    outs.append(jax.nn.dot_product_attention(
-        q[:, start:stop], k[:, :keys], v[:, :keys],
-        mask=mask[:, None, start:stop, :keys], scale=scale))
+    outs.append(_attention(q[:, start:stop], k[:, :keys], v[:, :keys],
+                           mask[:, start:stop, :keys], scale))
   return jnp.concatenate(outs, axis=1)
+
+
+def _attention(q, k, v, mask, scale: float):
+  """The math of jax.nn.dot_product_attention's XLA path, laid out for XLA:CPU.
+
+  q [B, T, H, D]; k, v [B, S, KV, D]; mask [B, T, S] bool.
+  Same float32 logits and softmax and the same large negative for masked
+  keys, but: the scale is applied to q (exact for power-of-two head_dim), the
+  mask is an additive [B, T, S] bias shared by all heads, q is head-major so
+  each KV head is one [G*T, D] x [D, S] product, and the softmax is
+  normalised after the value product ([T, D] divides instead of [T, S]).
+  On XLA:CPU this lets the whole block (both products and the softmax)
+  become one YNNPACK fusion with no [H, T, S] transposes or select pass.
+  """
+  batch, length, heads, dim = q.shape
+  keys, kv_heads = k.shape[1], k.shape[2]
+  groups = heads // kv_heads
+  # Scaling in float32 then rounding once: no bf16-rounded scale factor.
+  q = (q.astype(jnp.float32) * scale).astype(q.dtype).reshape(
+      batch, length, kv_heads, groups, dim)
+  q = q.transpose(0, 2, 3, 1, 4).reshape(batch, kv_heads, groups * length, dim)
+  logits = jnp.einsum("bkqd,bskd->bkqs", q, k,
+                      preferred_element_type=jnp.float32)
+  logits = logits.reshape(batch, kv_heads, groups, length, keys)
+  # As jax.nn.dot_product_attention: masked logits become -0.7 * f32 max
+  # (x + that rounds to exactly that for any |x| < 1e31).
+  big_neg = jnp.float32(-0.7 * float(jnp.finfo(jnp.float32).max))
+  bias = jnp.where(mask, jnp.float32(0), big_neg)
+  logits = logits + bias[:, None, None]
+  logits = logits - jnp.max(logits, axis=-1, keepdims=True)
+  weights = jnp.exp(logits)
+  total = jnp.sum(weights, axis=-1, keepdims=True)
+  out = jnp.einsum("bkgts,bskd->bkgtd", weights.astype(v.dtype), v,
+                   preferred_element_type=jnp.float32)
+  out = (out / total).astype(v.dtype)
+  return out.transpose(0, 3, 1, 2, 4).reshape(batch, length, heads, dim)
 
 
 class MLP(nn.Module):
