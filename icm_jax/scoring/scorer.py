@@ -195,9 +195,8 @@ class LOOScorer:
       return self._score_rows_shared(labels, cand_idx, query_idx)
     num_rows = len(query_idx)
     rows = bucket(num_rows, self.config.min_rows, self._chunk)
-    cands = bucket(labels.shape[0])
-    labels_b = np.concatenate(
-        [labels, np.repeat(labels[:1], cands - labels.shape[0], axis=0)])
+    labels_b = _pad_candidates(labels)
+    cands = labels_b.shape[0]
     cand = np.zeros(rows, np.int32)
     query = np.zeros(rows, np.int32)
     cand[:num_rows], query[:num_rows] = cand_idx, query_idx
@@ -244,9 +243,8 @@ class LOOScorer:
     full_len = bucket(int(full.max()), self.config.min_seq_len)
     packed_len = bucket(int(padded[3].sum(axis=1).max()),
                         self.config.min_seq_len)
-    cands = bucket(labels.shape[0])
-    labels_b = np.concatenate(
-        [labels, np.repeat(labels[:1], cands - labels.shape[0], axis=0)])
+    labels_b = _pad_candidates(labels)
+    cands = labels_b.shape[0]
     self.last_shape = (cands, num_seq, full_len, packed_len)
     lf, lt = self._call(self._shared_kernel, self.params, self._data,
                         jnp.asarray(labels_b), *map(jnp.asarray, padded),
@@ -278,3 +276,9 @@ class LOOScorer:
           f" labelled demonstrations) > model context {context}; use a smaller"
           " batch or parallel mode")
     return int(lengths.max())
+
+
+def _pad_candidates(labels: np.ndarray) -> np.ndarray:
+  """[C, N] -> [bucket(C), N], padded with copies of the first assignment."""
+  extra = bucket(labels.shape[0]) - labels.shape[0]
+  return np.concatenate([labels, np.repeat(labels[:1], extra, axis=0)])
