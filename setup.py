@@ -12,6 +12,8 @@ setup(
     python_requires=">=3.10",
     packages=find_packages(include=["icm_jax", "icm_jax.*"]),
     include_package_data=True,
+    # The bundled TruthfulQA split (also listed in MANIFEST.in for sdists).
+    package_data={"icm_jax.tasks": ["data/*/*.json", "data/*/*.md"]},
     install_requires=[
         "jax>=0.10.2,<0.11",
         "flax>=0.12.8,<0.13",
