@@ -1,0 +1,333 @@
+"""ICM search: simulated annealing (Algorithm 1) with consistency fix (Alg. 2).
+
+Host-side loop over one batch of N examples; every LOO evaluation goes to a
+`score_fn` (the jitted scoring kernel, or a stub in tests):
+
+    score_fn(labels [C, N] in {-1, 0, 1}, queries=None | [C, N] bool) -> Scores
+
+returning log P(False) / log P(True) of each queried example given all other
+labelled examples of its assignment (default queries: the labelled ones).
+Several candidate assignments go to the kernel in one call (Algorithm 2
+scores the tentative assignment and all its fix options together).
+
+Gold labels never enter: the only inputs are scores and the consistency
+structure. `report(labels) -> dict` may add numbers (e.g. agreement with gold)
+to the metrics log; its output is written, never read.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import os
+import time
+from typing import Callable, Optional, Sequence
+
+import numpy as np
+
+from icm_jax.search import state as state_lib
+from icm_jax.search.config import SearchConfig
+from icm_jax.search.consistency import UNLABELLED, Consistency
+from icm_jax.search.outputs import MetricsLog, write_labels
+from icm_jax.search.state import Evaluation, SearchState
+
+log = logging.getLogger(__name__)
+
+STATE_FILE = "search_state.json"
+METRICS_FILE = "metrics.jsonl"
+LABELS_FILE = "labels.jsonl"
+
+
+class SearchError(RuntimeError):
+  """The search cannot go on (e.g. a NaN/Inf score)."""
+
+
+@dataclasses.dataclass
+class SearchResult:
+  ids: tuple
+  labels: np.ndarray       # [N] int8; -1 where never labelled
+  log_p_false: np.ndarray  # [N] final LOO scores (unlabelled: given all labelled)
+  log_p_true: np.ndarray
+  utility: float
+  predictability: float
+  inconsistency: int
+  iterations: int
+  flips: int
+  score_seconds: float     # this process: time inside score_fn
+  total_seconds: float     # this process: time in run()
+  score_calls: int
+
+  @property
+  def score(self) -> np.ndarray:
+    return self.log_p_true - self.log_p_false
+
+
+class ICMSearch:
+  """Searches labels for one batch of examples."""
+
+  def __init__(self, score_fn: Callable, consistency: Consistency,
+               config: SearchConfig = SearchConfig(),
+               ids: Optional[Sequence[str]] = None,
+               report: Optional[Callable[[np.ndarray], dict]] = None):
+    n = consistency.num_examples
+    if config.initial_size > n:
+      raise ValueError(f"search.initial_size={config.initial_size} > "
+                       f"{n} examples in the batch")
+    self.score_fn = score_fn
+    self.consistency = consistency
+    self.config = config
+    self.n = n
+    self.ids = tuple(ids) if ids is not None else tuple(map(str, range(n)))
+    if len(self.ids) != n:
+      raise ValueError(f"{len(self.ids)} ids for {n} examples")
+    self.report = report
+    self._fingerprint = state_lib.fingerprint(dataclasses.asdict(config),
+                                              self.ids)
+    self.score_seconds = 0.0
+    self.score_calls = 0
+
+  # -- scoring ----------------------------------------------------------------
+
+  def _score(self, labels: np.ndarray, queries=None):
+    t = time.perf_counter()
+    scores = self.score_fn(labels, queries)
+    self.score_seconds += time.perf_counter() - t
+    self.score_calls += 1
+    return (np.asarray(scores.log_p_false, np.float32).reshape(labels.shape),
+            np.asarray(scores.log_p_true, np.float32).reshape(labels.shape))
+
+  def _check_finite(self, lf, lt, mask, what):
+    bad = mask & ~(np.isfinite(lf) & np.isfinite(lt))
+    if bad.any():
+      cand, ex = np.nonzero(bad)
+      names = sorted({self.ids[e] for e in ex})
+      raise SearchError(f"non-finite LOO score ({what}, candidate "
+                        f"{sorted(set(cand.tolist()))}) for examples {names}")
+
+  def evaluate(self, candidates: np.ndarray, what: str) -> list:
+    """U(D) of each assignment in `candidates` [C, N], in one kernel call."""
+    candidates = np.atleast_2d(candidates)
+    labelled = candidates != UNLABELLED
+    lf, lt = self._score(candidates)
+    self._check_finite(lf, lt, labelled, what)
+    if self.config.objective == "mean_log_odds":
+      odds = np.where(candidates == 1, lt - lf, lf - lt)
+      count = labelled.sum(axis=1)
+      total = np.where(labelled, odds, 0.0).sum(axis=1, dtype=np.float64)
+      p = np.where(count > 0, total / np.maximum(count, 1), 0.0)
+    else:
+      chosen = np.where(candidates == 1, lt, lf)
+      p = np.where(labelled, chosen, 0.0).sum(axis=1, dtype=np.float64)
+    inconsistency = self.consistency.count(candidates)
+    utility = self.config.alpha * p - inconsistency
+    return [Evaluation(float(utility[c]), float(p[c]), int(inconsistency[c]),
+                       np.where(labelled[c], lf[c], np.nan).astype(np.float32),
+                       np.where(labelled[c], lt[c], np.nan).astype(np.float32))
+            for c in range(len(candidates))]
+
+  # -- Algorithm 2 -------------------------------------------------------------
+
+  def fix(self, labels: np.ndarray, current: Optional[Evaluation],
+          rng: np.random.Generator, focus: Sequence[int] = (),
+          what: str = "fix"):
+    """Consistency fix; `current=None` scores `labels` in the first call.
+
+    Each round takes an inconsistent pair (preferring pairs that touch an
+    example changed in this step), scores every label option that makes the
+    pair consistent in one batched call and keeps the best unless it lowers U.
+    """
+    labels = labels.copy()
+    touched = set(int(i) for i in focus)
+    for _ in range(self.config.consistency_fix_rounds):
+      pairs = self.consistency.pairs(labels)
+      if len(pairs) == 0:
+        break
+      near = np.array([p for p in pairs if touched & {int(p[0]), int(p[1])}],
+                      np.int64).reshape(-1, 2)
+      pool = near if len(near) else pairs
+      a, b = (int(x) for x in pool[rng.integers(len(pool))])
+      options = self.consistency.options(a, b)
+      candidates = np.repeat(labels[None], len(options), axis=0)
+      candidates[:, a], candidates[:, b] = options[:, 0], options[:, 1]
+      if current is None:
+        candidates = np.concatenate([labels[None], candidates])
+      evaluations = self.evaluate(candidates, what)
+      if current is None:
+        current, evaluations = evaluations[0], evaluations[1:]
+        candidates = candidates[1:]
+      best = int(np.argmax([e.utility for e in evaluations]))
+      if evaluations[best].utility < current.utility:
+        break
+      labels, current = candidates[best], evaluations[best]
+      touched |= {a, b}
+    if current is None:
+      current = self.evaluate(labels[None], what)[0]
+    return labels, current
+
+  # -- Algorithm 1 ---------------------------------------------------------------
+
+  def initial_state(self) -> SearchState:
+    """K seed examples (whole groups first, in random group order) with
+    balanced random labels, then consistency-fixed."""
+    cfg = self.config
+    rng = np.random.default_rng(cfg.seed)
+    group_rank = np.argsort(rng.permutation(self.consistency.group.max() + 1))
+    order = np.lexsort((np.arange(self.n), group_rank[self.consistency.group]))
+    seeds = order[:cfg.initial_size]
+    seed_labels = np.array([1] * (cfg.initial_size // 2) +
+                           [0] * (cfg.initial_size - cfg.initial_size // 2),
+                           np.int8)
+    rng.shuffle(seed_labels)
+    labels = np.full(self.n, UNLABELLED, np.int8)
+    labels[seeds] = seed_labels
+    labels, current = self.fix(labels, None, rng, what="initialisation")
+    return SearchState(labels=labels, current=current, iteration=0, flips=0,
+                       visited=np.zeros(self.n, bool),
+                       rng_state=rng.bit_generator.state)
+
+  def step(self, st: SearchState, rng: np.random.Generator) -> dict:
+    """One iteration; mutates `st`, returns its metrics record."""
+    cfg = self.config
+    st.iteration += 1
+    labelled = st.labels != UNLABELLED
+    weights = np.where(~labelled & self.consistency.same_group(labelled),
+                       cfg.unlabelled_group_weight, 1.0)
+    i = int(rng.choice(self.n, p=weights / weights.sum()))
+    queries = np.zeros((1, self.n), bool)
+    queries[0, i] = True
+    lf, lt = self._score(st.labels[None], queries)
+    self._check_finite(lf, lt, queries, f"iteration {st.iteration} prediction")
+    new_label = int(lt[0, i] > lf[0, i])
+    temperature = cfg.temperature(st.iteration, st.flips)
+    record = {"iteration": st.iteration, "example": self.ids[i],
+              "proposed": new_label != st.labels[i], "accepted": False,
+              "delta": None}
+    if new_label != st.labels[i]:
+      tentative = st.labels.copy()
+      tentative[i] = new_label
+      tentative, evaluation = self.fix(tentative, None, rng, focus=(i,),
+                                       what=f"iteration {st.iteration}")
+      delta = evaluation.utility - st.current.utility
+      u = rng.random()
+      accept = delta > 0 or u < math.exp(min(delta / temperature, 0.0))
+      record.update(delta=delta, accepted=accept)
+      if accept:
+        st.labels, st.current = tentative, evaluation
+        st.flips += 1
+        st.visited[:] = False
+    st.visited[i] = True
+    c = st.current
+    record.update(U=c.utility, P=c.predictability, I=c.inconsistency,
+                  T=temperature, labelled=int((st.labels != UNLABELLED).sum()),
+                  flips=st.flips)
+    return record
+
+  def converged(self, st: SearchState) -> bool:
+    return bool((st.labels != UNLABELLED).all() and st.visited.all())
+
+  def run(self, workdir: Optional[str] = None, progress: bool = True,
+          after_iteration: Optional[Callable[[SearchState], None]] = None
+          ) -> SearchResult:
+    """Runs (or resumes from `workdir`) to the end; writes the outputs there.
+
+    Files in `workdir`: search_state.json (checkpoint every
+    `checkpoint_every` iterations, atomic), metrics.jsonl, labels.jsonl.
+    """
+    start = time.perf_counter()
+    self.score_seconds, self.score_calls = 0.0, 0
+    cfg = self.config
+    path = os.path.join(workdir, STATE_FILE) if workdir else None
+    st = state_lib.load(path, self._fingerprint) if path else None
+    metrics = None
+    if workdir:
+      metrics = MetricsLog(os.path.join(workdir, METRICS_FILE),
+                           resume_iteration=None if st is None else st.iteration)
+    if st is not None:
+      log.info("resuming the search from %s at iteration %d", path,
+               st.iteration)
+    rng = np.random.default_rng(cfg.seed)
+    if st is None:
+      st = self.initial_state()
+      rng.bit_generator.state = st.rng_state
+      self._log(metrics, st, {"iteration": 0, "example": None,
+                              "proposed": False, "accepted": True,
+                              "delta": None, "T": cfg.temperature(0, 0)})
+      if path:
+        state_lib.save(path, st, self._fingerprint)
+    else:
+      rng.bit_generator.state = st.rng_state
+    bar = _progress(cfg.max_iterations, st.iteration, progress)
+    try:
+      # `done` is re-derived, so a finished run resumed with a larger
+      # max_iterations goes on.
+      st.done = False
+      while True:
+        if st.iteration >= cfg.max_iterations or (
+            cfg.stop_when_converged and self.converged(st)):
+          st.done = True
+          break
+        record = self.step(st, rng)
+        st.rng_state = rng.bit_generator.state
+        self._log(metrics, st, record)
+        bar.update(1)
+        bar.set_postfix(U=f"{st.current.utility:.3f}",
+                        labelled=f"{record['labelled']}/{self.n}",
+                        refresh=False)
+        if path and st.iteration % cfg.checkpoint_every == 0:
+          state_lib.save(path, st, self._fingerprint)
+        if after_iteration is not None:
+          after_iteration(st)
+    finally:
+      bar.close()
+      if metrics:
+        metrics.close()
+    lf, lt = self._final_scores(st)
+    if path:
+      state_lib.save(path, st, self._fingerprint)
+      write_labels(os.path.join(workdir, LABELS_FILE), self.ids, st.labels,
+                   lf, lt)
+    c = st.current
+    return SearchResult(self.ids, st.labels.copy(), lf, lt, c.utility,
+                        c.predictability, c.inconsistency, st.iteration,
+                        st.flips, self.score_seconds,
+                        time.perf_counter() - start, self.score_calls)
+
+  def _final_scores(self, st: SearchState):
+    """Labelled: the current LOO scores; unlabelled: given all labelled."""
+    lf, lt = st.current.log_p_false.copy(), st.current.log_p_true.copy()
+    unlabelled = st.labels == UNLABELLED
+    if unlabelled.any() and not unlabelled.all():
+      qf, qt = self._score(st.labels[None], unlabelled[None])
+      lf[unlabelled], lt[unlabelled] = qf[0, unlabelled], qt[0, unlabelled]
+    return lf, lt
+
+  def _log(self, metrics, st, record):
+    if metrics is None:
+      return
+    c = st.current
+    record.setdefault("U", c.utility)
+    record.setdefault("P", c.predictability)
+    record.setdefault("I", c.inconsistency)
+    record.setdefault("labelled", int((st.labels != UNLABELLED).sum()))
+    record.setdefault("flips", st.flips)
+    if self.report is not None:
+      # Reporting only: computed from the labels after the decision.
+      record.update(self.report(st.labels.copy()))
+    metrics.write(record)
+
+
+def _progress(total, initial, enabled):
+  try:
+    from tqdm.auto import tqdm
+  except ImportError:  # tqdm comes with transformers; stay quiet without it
+    enabled = False
+  if not enabled:
+    return _NoBar()
+  return tqdm(total=total, initial=initial, desc="ICM search", unit="it")
+
+
+class _NoBar:
+  def update(self, n): pass
+  def set_postfix(self, **kw): pass
+  def close(self): pass

@@ -1,0 +1,78 @@
+"""Search hyperparameters (paper appendix and official code defaults)."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+SCHEDULES = ("log", "paper", "exp")
+OBJECTIVES = ("mean_log_odds", "sum_log_prob")
+
+
+@dataclasses.dataclass(frozen=True)
+class SearchConfig:
+  """Simulated-annealing ICM search over one batch of examples.
+
+  objective: P(D). "mean_log_odds" (official code; what alpha=50 is calibrated
+    for) is the mean over labelled examples of the assigned label's log-odds
+    log P(y) - log P(not y); "sum_log_prob" is the paper's sum of log P(y_i|rest).
+  schedule: temperature. "log" (official): T0 / (1 + 2 ln(1 + flips));
+    "paper": T0 / (1 + decay ln n) at iteration n >= 1; "exp": T0 * decay^flips.
+    All floored at final_temperature. "flips" counts accepted changes.
+  unlabelled_group_weight: sampling weight of an unlabelled example sharing a
+    consistency group with a labelled one (others weigh 1).
+  stop_when_converged: also stop once every example is labelled and a full
+    pass (each example drawn at least once since the last accepted change)
+    changed nothing.
+  """
+
+  alpha: float = 50.0
+  objective: str = "mean_log_odds"
+  initial_size: int = 8
+  max_iterations: int = 3000
+  schedule: str = "log"
+  initial_temperature: float = 10.0
+  final_temperature: float = 0.01
+  decay: float = 0.99
+  consistency_fix_rounds: int = 10
+  unlabelled_group_weight: float = 100.0
+  stop_when_converged: bool = False
+  checkpoint_every: int = 10
+  seed: int = 0
+
+  def __post_init__(self):
+    def bad(key, why):
+      raise ValueError(f"search.{key}={getattr(self, key)!r}: {why}")
+    if self.objective not in OBJECTIVES:
+      bad("objective", f"not in {OBJECTIVES}")
+    if self.schedule not in SCHEDULES:
+      bad("schedule", f"not in {SCHEDULES}")
+    for key in ("alpha", "initial_temperature", "final_temperature", "decay",
+                "unlabelled_group_weight"):
+      value = getattr(self, key)
+      if not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+        bad(key, "must be a finite number > 0")
+    if self.final_temperature > self.initial_temperature:
+      bad("final_temperature", "exceeds initial_temperature")
+    if self.schedule == "exp" and self.decay >= 1:
+      bad("decay", "the exp schedule needs decay < 1")
+    for key in ("initial_size", "max_iterations", "checkpoint_every"):
+      value = getattr(self, key)
+      if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        bad(key, "must be a positive int")
+    if (not isinstance(self.consistency_fix_rounds, int)
+        or self.consistency_fix_rounds < 0):
+      bad("consistency_fix_rounds", "must be an int >= 0")
+    if not isinstance(self.seed, int) or isinstance(self.seed, bool):
+      bad("seed", "must be an int")
+
+  def temperature(self, iteration: int, flips: int) -> float:
+    """Temperature at 1-based `iteration` after `flips` accepted changes."""
+    t0, t_min = self.initial_temperature, self.final_temperature
+    if self.schedule == "log":
+      t = t0 / (1 + 2 * math.log(1 + flips))
+    elif self.schedule == "paper":
+      t = t0 / (1 + self.decay * math.log(max(iteration, 1)))
+    else:
+      t = t0 * self.decay ** flips
+    return max(t_min, t)
