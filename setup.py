@@ -10,10 +10,12 @@ setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    packages=find_packages(include=["icm_jax", "icm_jax.*"]),
+    # The bundled TruthfulQA split is a data-only (namespace) package, named
+    # here so setuptools ships it (MANIFEST.in lists it for sdists).
+    packages=(find_packages(include=["icm_jax", "icm_jax.*"]) +
+              ["icm_jax.tasks.data.truthfulqa"]),
     include_package_data=True,
-    # The bundled TruthfulQA split (also listed in MANIFEST.in for sdists).
-    package_data={"icm_jax.tasks": ["data/*/*.json", "data/*/*.md"]},
+    package_data={"icm_jax.tasks.data.truthfulqa": ["*.json", "*.md"]},
     install_requires=[
         "jax>=0.10.2,<0.11",
         "flax>=0.12.8,<0.13",
