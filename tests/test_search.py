@@ -321,6 +321,10 @@ def test_split_into_batches_keeps_groups_whole():
   for b, members in enumerate(batches):
     for k in members:
       assert owner.setdefault(groups[k], b) == b
+  for members in batches:  # a group's members are adjacent in its batch
+    names = [groups[k] for k in members]
+    assert all(names.index(g) + names.count(g) - 1 ==
+               len(names) - 1 - names[::-1].index(g) for g in set(names))
   again = split_into_batches(groups, 64, seed=0)
   assert all(np.array_equal(x, y) for x, y in zip(batches, again))
   with pytest.raises(ValueError, match="group 'big'"):

@@ -15,7 +15,11 @@ import numpy as np
 
 def split_into_batches(groups: Sequence[str], batch_size: int,
                        seed: int) -> list:
-  """Example indices of each batch (sorted within a batch)."""
+  """Example indices of each batch.
+
+  Within a batch a group's members are adjacent (groups ordered by their
+  first example), as the official code orders its in-context demonstrations.
+  """
   if not isinstance(batch_size, int) or batch_size < 1:
     raise ValueError(f"search.batch_size={batch_size!r} must be a positive int")
   members = {}
@@ -44,5 +48,13 @@ def split_into_batches(groups: Sequence[str], batch_size: int,
       batches[b].extend(members[g])
       sizes[b] += size
     if fits:
-      return [np.array(sorted(b), np.int64) for b in batches if b]
+      return [_group_contiguous(b, groups) for b in batches if b]
     num_batches += 1
+
+
+def _group_contiguous(members: list, groups: Sequence[str]) -> np.ndarray:
+  first = {}
+  for k in sorted(members):
+    first.setdefault(groups[k], k)
+  return np.array(sorted(members, key=lambda k: (first[groups[k]], k)),
+                  np.int64)
