@@ -30,6 +30,8 @@ setup(
         "gguf>=0.17",
         # transformers' GGUF tokenizer/model path needs accelerate.
         "accelerate>=1.0",
+        # The search progress bar (already a transformers dependency).
+        "tqdm>=4.60",
     ],
     extras_require={
         # torch is only the reference implementation in tests; pin it exactly

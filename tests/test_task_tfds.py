@@ -120,3 +120,10 @@ def test_badly_typed_field(tmp_path, field, value):
                      match=f"test_gsm8k.json record 6: field '{field}' is"):
     tfds_builders.tfds_records("icm_gsm8k/test", data_dir=str(tmp_path / "d"),
                                manual_dir=str(manual))
+
+
+def test_missing_manual_dir_is_an_error_not_the_bundled_copy(tmp_path):
+  from icm_jax.tasks import DataError, load_records
+  with pytest.raises(DataError, match="no_such_dir"):
+    load_records("tfds:icm_truthfulqa/train", data_dir=str(tmp_path / "d"),
+                 manual_dir=str(tmp_path / "no_such_dir"))

@@ -318,12 +318,9 @@ class ICMSearch:
 
 
 def _progress(total, initial, enabled):
-  try:
-    from tqdm.auto import tqdm
-  except ImportError:  # tqdm comes with transformers; stay quiet without it
-    enabled = False
   if not enabled:
     return _NoBar()
+  from tqdm.auto import tqdm
   return tqdm(total=total, initial=initial, desc="ICM search", unit="it")
 
 

@@ -232,6 +232,10 @@ def tfds_records(spec: str, *, data_dir: Optional[str] = None,
   name, sep, split = spec.rpartition("/")
   if not sep or not name or not split:
     raise ValueError(f"tfds spec {spec!r} must be '<dataset>/<split>'")
+  if manual_dir is not None and not os.path.isdir(manual_dir):
+    # Checked here: tfds treats a missing manual_dir like none given, and
+    # icm_truthfulqa would then quietly prepare the bundled copy instead.
+    raise DataError(f"{spec}: manual_dir {manual_dir!r} is not a directory")
   builder = tfds.builder(name, data_dir=data_dir)
   if download:
     builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
