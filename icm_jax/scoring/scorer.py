@@ -37,11 +37,14 @@ class ScoringConfig:
   bound); rounded up to a multiple of the mesh's batch divisor. With prefix
   sharing a micro-batch is one packed sequence (two rows) per batch shard.
   min_rows / min_seq_len: smallest row-count and sequence-length buckets.
+  min_rows is small because the search's most frequent call scores one
+  example (the prediction step); padding it to 8 rows would run 4 packed
+  sequences of up to the full context length where 1 is needed.
   """
 
   mode: str = "exact"
   rows_per_chunk: int = 8
-  min_rows: int = 8
+  min_rows: int = 2
   min_seq_len: int = 64
   # Exact mode: compute the shared demonstration prefix once per assignment
   # and run only each row's suffix (about half the tokens).
