@@ -1,7 +1,6 @@
 """LOO scoring on the real SmolLM2-135M (GGUF) with real TruthfulQA records."""
 
 import json
-import os
 
 import jax
 import jax.numpy as jnp
@@ -10,22 +9,14 @@ import pytest
 
 from icm_jax.model import forward, masks
 from icm_jax.scoring import LOOScorer, ScoringConfig
+from icm_jax.tasks import bundled_path
 from icm_jax.tasks.templates import TRUTHFULQA
 from icm_jax.tokenization import LabelWords, label_token_sets, tokenize_examples
 
-# The ICM data beside the checkout (../shared/data), or wherever
-# $ICM_SHARED_DATA points.
-DATA = os.path.join(
-    os.environ.get("ICM_SHARED_DATA") or os.path.join(
-        os.path.dirname(os.path.abspath(__file__)), "..", "..", "shared", "data"),
-    "icm")
-
-
 def truthfulqa_records(split):
-  path = os.path.join(DATA, f"{split}_truthfulqa.json")
-  if not os.path.exists(path):
-    pytest.skip(f"{path} not available")
-  with open(path) as f:
+  # The package's bundled copy of the ICM TruthfulQA files (byte-identical to
+  # ../shared/data/icm), so these tests run on every checkout.
+  with open(bundled_path("truthfulqa", split)) as f:
     return json.load(f)
 
 
