@@ -28,6 +28,7 @@ import numpy as np
 from icm_jax.search import (Consistency, ICMSearch, SearchConfig,
                             SearchResult, split_into_batches)
 from icm_jax.search.consistency import UNLABELLED
+from icm_jax.search.outputs import write_labels
 from icm_jax.tasks import Example, Task
 from icm_jax.tokenization import ExampleTokens, LabelWords, tokenize_examples
 
@@ -63,9 +64,15 @@ class BatchReport:
 @dataclasses.dataclass
 class ICMRun:
   ids: tuple
-  labels: np.ndarray   # [N] int8, -1 where a batch ended before labelling it
-  scores: np.ndarray   # [N] final LOO log-odds log P(True) - log P(False)
-  batches: list        # [BatchReport]
+  labels: np.ndarray       # [N] int8, -1 where a batch ended before labelling
+  log_p_false: np.ndarray  # [N] final LOO log-probs
+  log_p_true: np.ndarray
+  batches: list            # [BatchReport]
+
+  @property
+  def scores(self) -> np.ndarray:
+    """Final LOO log-odds log P(True) - log P(False)."""
+    return self.log_p_true - self.log_p_false
 
   @property
   def gold_agreement(self) -> Optional[float]:
@@ -119,7 +126,7 @@ def run_icm(examples: Sequence[Example], *, task: Task, tokenizer,
   log.info("%d examples in %d search batches (batch_size=%d)", len(examples),
            len(batches), batch_size)
   labels = np.full(len(examples), UNLABELLED, np.int8)
-  scores = np.full(len(examples), np.nan, np.float32)
+  log_p = np.full((2, len(examples)), np.nan, np.float32)
   reports = []
   for b, members in enumerate(batches):
     batch_examples = [examples[k] for k in members]
@@ -142,11 +149,11 @@ def run_icm(examples: Sequence[Example], *, task: Task, tokenizer,
     result = batch_search.run(os.path.join(workdir, f"batch_{b:03d}"),
                               progress=progress)
     labels[members] = result.labels
-    scores[members] = result.score
+    log_p[:, members] = result.log_p_false, result.log_p_true
     reports.append(_report(b, result, setup, score_fn.build_seconds, gold))
     log.info("batch %d: %s", b, reports[-1])
-  run = ICMRun(ids, labels, scores, reports)
-  _write_outputs(workdir, run, examples, batches)
+  run = ICMRun(ids, labels, log_p[0], log_p[1], reports)
+  _write_outputs(workdir, run, batches)
   return run
 
 
@@ -168,24 +175,22 @@ def _batch_seed(seed: int, batch: int) -> int:
   return int(np.random.SeedSequence([seed, batch]).generate_state(1)[0])
 
 
-def _gold_report(gold: np.ndarray):
-  """Agreement with gold among labelled examples, for the metrics log only."""
-  has_gold = gold >= 0
-  if not has_gold.any():
-    return None
+def gold_agreement(labels: np.ndarray, gold: np.ndarray) -> Optional[float]:
+  """Share of labelled examples with gold (>= 0) whose label equals it."""
+  mask = (gold >= 0) & (labels != UNLABELLED)
+  return float((labels[mask] == gold[mask]).mean()) if mask.any() else None
 
-  def report(labels):
-    mask = has_gold & (labels != UNLABELLED)
-    agree = float((labels[mask] == gold[mask]).mean()) if mask.any() else None
-    return {"gold_agreement": agree}
-  return report
+
+def _gold_report(gold: np.ndarray):
+  """The metrics log's reporting hook; None when the data has no gold."""
+  if not (gold >= 0).any():
+    return None
+  return lambda labels: {"gold_agreement": gold_agreement(labels, gold)}
 
 
 def _report(b, result: SearchResult, setup, build, gold) -> BatchReport:
   labelled = result.labels != UNLABELLED
-  mask = labelled & (gold >= 0)
-  agreement = (float((result.labels[mask] == gold[mask]).mean())
-               if mask.any() else None)
+  agreement = gold_agreement(result.labels, gold)
   # The first scoring call builds the scorer (for parallel mode: the demo
   # cache): count that as setup, not as search or scoring time.
   return BatchReport(b, len(result.labels), result.iterations, result.flips,
@@ -195,20 +200,13 @@ def _report(b, result: SearchResult, setup, build, gold) -> BatchReport:
                      agreement)
 
 
-def _write_outputs(workdir, run: ICMRun, examples, batches):
-  batch_of = np.empty(len(examples), np.int64)
+def _write_outputs(workdir, run: ICMRun, batches):
+  batch_of = np.empty(len(run.ids), np.int64)
   for b, members in enumerate(batches):
     batch_of[members] = b
-  tmp = os.path.join(workdir, LABELS_FILE + ".tmp")
-  with open(tmp, "w") as f:
-    for n, e in enumerate(examples):
-      label = int(run.labels[n])
-      score = float(run.scores[n])
-      f.write(json.dumps({"id": e.id, "label": None if label < 0 else label,
-                          "score": score if np.isfinite(score) else None,
-                          "batch": int(batch_of[n])}) + "\n")
-  os.replace(tmp, os.path.join(workdir, LABELS_FILE))
-  summary = {"num_examples": len(examples),
+  write_labels(os.path.join(workdir, LABELS_FILE), run.ids, run.labels,
+               run.log_p_false, run.log_p_true, batch=batch_of)
+  summary = {"num_examples": len(run.ids),
              "labelled": int((run.labels != UNLABELLED).sum()),
              "gold_agreement": run.gold_agreement,
              "batches": [dict(dataclasses.asdict(r), host_share=r.host_share)
@@ -219,4 +217,4 @@ def _write_outputs(workdir, run: ICMRun, examples, batches):
   if unlabelled:
     log.warning("%d of %d examples were never labelled (max_iterations too "
                 "small); they are written with label null", unlabelled,
-                len(examples))
+                len(run.ids))

@@ -81,26 +81,26 @@ def test_missing_manual_file(tmp_path):
                                manual_dir=str(manual))
 
 
+def _prepare_from(tmp_path, name, file_name, records):
+  manual = tmp_path / "manual"
+  manual.mkdir()
+  write_json(manual, file_name, records)
+  return tfds_builders.tfds_records(f"{name}/test", data_dir=str(tmp_path / "d"),
+                                    manual_dir=str(manual))
+
+
 def test_bad_records_are_not_written(tmp_path):
   records = synthetic_alpaca()
   records[5]["label"] = "maybe"
-  manual = tmp_path / "manual"
-  manual.mkdir()
-  write_json(manual, "test_alpaca.json", records)
   with pytest.raises(DataError, match="test_alpaca.json record 5: field 'label'"):
-    tfds_builders.tfds_records("icm_alpaca/test", data_dir=str(tmp_path / "d"),
-                               manual_dir=str(manual))
+    _prepare_from(tmp_path, "icm_alpaca", "test_alpaca.json", records)
 
 
 def test_unknown_field_is_not_dropped(tmp_path):
   records = synthetic_gsm8k()
   records[3]["extra"] = "x"
-  manual = tmp_path / "manual"
-  manual.mkdir()
-  write_json(manual, "test_gsm8k.json", records)
   with pytest.raises(DataError, match="field 'extra' is not in the icm_gsm8k"):
-    tfds_builders.tfds_records("icm_gsm8k/test", data_dir=str(tmp_path / "d"),
-                               manual_dir=str(manual))
+    _prepare_from(tmp_path, "icm_gsm8k", "test_gsm8k.json", records)
 
 
 def test_bad_spec():

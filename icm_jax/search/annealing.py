@@ -217,10 +217,7 @@ class ICMSearch:
         st.flips += 1
         st.visited[:] = False
     st.visited[i] = True
-    c = st.current
-    record.update(U=c.utility, P=c.predictability, I=c.inconsistency,
-                  T=temperature, labelled=int((st.labels != UNLABELLED).sum()),
-                  flips=st.flips)
+    record["T"] = temperature
     return record
 
   def converged(self, st: SearchState) -> bool:
@@ -271,7 +268,7 @@ class ICMSearch:
         st.rng_state = rng.bit_generator.state
         self._log(metrics, st, record)
         bar.update(1)
-        bar.set_postfix(U=f"{st.current.utility:.3f}",
+        bar.set_postfix(U=f"{record['U']:.3f}",
                         labelled=f"{record['labelled']}/{self.n}",
                         refresh=False)
         if path and st.iteration % cfg.checkpoint_every == 0:
@@ -303,14 +300,13 @@ class ICMSearch:
     return lf, lt
 
   def _log(self, metrics, st, record):
+    """Adds the state after the decision to `record`; writes it if logging."""
+    c = st.current
+    record.update(U=c.utility, P=c.predictability, I=c.inconsistency,
+                  labelled=int((st.labels != UNLABELLED).sum()),
+                  flips=st.flips)
     if metrics is None:
       return
-    c = st.current
-    record.setdefault("U", c.utility)
-    record.setdefault("P", c.predictability)
-    record.setdefault("I", c.inconsistency)
-    record.setdefault("labelled", int((st.labels != UNLABELLED).sum()))
-    record.setdefault("flips", st.flips)
     if self.report is not None:
       # Reporting only: computed from the labels after the decision.
       record.update(self.report(st.labels.copy()))

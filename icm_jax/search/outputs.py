@@ -44,10 +44,12 @@ class MetricsLog:
 
 
 def write_labels(path: str, ids: Sequence[str], labels: np.ndarray,
-                 log_p_false: np.ndarray, log_p_true: np.ndarray) -> None:
+                 log_p_false: np.ndarray, log_p_true: np.ndarray,
+                 **columns: np.ndarray) -> None:
   """id, label (0/1, null if never labelled) and the final LOO scores.
 
-  score = log P(True) - log P(False) given all other labelled examples.
+  score = log P(True) - log P(False) given all other labelled examples
+  (null where not scored); `columns` are extra per-example fields.
   """
   tmp = path + ".tmp"
   with open(tmp, "w") as f:
@@ -59,6 +61,7 @@ def write_labels(path: str, ids: Sequence[str], labels: np.ndarray,
           "score": float(log_p_true[n]) - float(log_p_false[n]),
           "log_p_true": float(log_p_true[n]),
           "log_p_false": float(log_p_false[n]),
+          **{k: v[n] for k, v in columns.items()},
       })) + "\n")
   os.replace(tmp, path)
 
