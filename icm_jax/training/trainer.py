@@ -1,0 +1,340 @@
+"""Fine-tuning the Llama on (prompt, label) pairs with Optax.
+
+Each example is `header + prompt`; the target is its label word at the next
+position, read with the same True/False token sets the ICM scorer uses:
+loss = -log sum_{t in set(label)} softmax(logits)[t]. The lm head runs at one
+position per row (`logit_positions`), so a step costs one forward/backward of
+the prompts plus a [B, V] head.
+
+One jitted step takes [grad_accum_steps, micro_batch, T] arrays, scans over the
+micro-batches summing per-row losses and gradients, divides by the number of
+real rows and applies one clipped AdamW update. Master weights and optimizer
+state stay in the params' dtype (float32); the forward computes in
+`compute_dtype` (bfloat16 on accelerators). The same code runs on one CPU, on
+fake CPU devices and on a TPU pod: params and optimizer state are placed by
+LLAMA_RULES, batch rows over ('data', 'fsdp').
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from typing import Any, Callable, Optional
+
+from absl import logging
+import jax
+import jax.numpy as jnp
+from jax.sharding import NamedSharding, PartitionSpec as P
+import numpy as np
+import optax
+from tqdm.auto import tqdm
+
+from icm_jax.model import forward, masks
+from icm_jax.model.config import LlamaConfig
+from icm_jax.sharding import (BATCH_AXES, LLAMA_RULES, MeshConfig,
+                              batch_divisor, create_mesh, param_shardings,
+                              path_to_str)
+from icm_jax.tokenization import ExampleTokens
+from icm_jax.training import data
+from icm_jax.training.checkpointing import MetricsLog, TrainCheckpoints, run_fingerprint
+from icm_jax.training.config import TrainConfig
+
+# Optimizer-state leaves the param rules do not cover: optax step counters.
+OPT_STATE_RULES = tuple(LLAMA_RULES) + ((r"(^|/)count$", P()),)
+
+
+@dataclasses.dataclass
+class TrainResult:
+  """Final params and per-step measurements of one `train` call.
+
+  params: same structure and dtype as the input params (placed like them when
+    they were jax.Arrays, else by LLAMA_RULES on the mesh).
+  steps: optimizer steps the run has completed in total (incl. before resume).
+  start_step: the step this call resumed from (0 = fresh start); losses,
+    step_seconds and tokens_per_step cover steps start_step+1 .. steps.
+  """
+
+  params: Any
+  steps: int
+  losses: np.ndarray
+  step_seconds: np.ndarray
+  tokens_per_step: np.ndarray
+  start_step: int = 0
+
+  @property
+  def mean_step_seconds(self) -> float:
+    """Mean wall time per step, excluding this call's first (compiling) step."""
+    if len(self.step_seconds) < 2:
+      return float("nan")
+    return float(np.mean(self.step_seconds[1:]))
+
+  @property
+  def tokens_per_second(self) -> float:
+    """Real tokens per second, excluding this call's first (compiling) step."""
+    if len(self.step_seconds) < 2:
+      return float("nan")
+    return float(np.sum(self.tokens_per_step[1:]) /
+                 np.sum(self.step_seconds[1:]))
+
+
+def resolve_compute_dtype(name: str) -> str:
+  """"auto" -> bfloat16 on TPU/GPU, float32 on CPU."""
+  if name != "auto":
+    return name
+  return "float32" if jax.default_backend() == "cpu" else "bfloat16"
+
+
+def label_log_probs(logits: jax.Array, token_sets) -> jax.Array:
+  """[B, 2] log P(False), log P(True) from [B, V] next-token logits.
+
+  Each is the log-sum-exp of the full-vocabulary log-softmax over that label's
+  token set (the scorer's definition).
+  """
+  width = max(len(s) for s in token_sets)
+  ids = np.zeros((2, width), np.int32)
+  valid = np.zeros((2, width), bool)
+  for k, s in enumerate(token_sets):
+    ids[k, :len(s)] = np.asarray(s, np.int32)
+    valid[k, :len(s)] = True
+  log_probs = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+  picked = jnp.where(valid, log_probs[:, ids], -jnp.inf)  # [B, 2, K]
+  return jax.nn.logsumexp(picked, axis=-1)
+
+
+def make_optimizer(config: TrainConfig, total_steps: int):
+  """(optax transform, learning-rate schedule) for a run of total_steps.
+
+  Weight decay applies to kernels and embeddings, not to RMSNorm scales.
+  """
+  warmup = min(config.warmup_steps, total_steps)
+  schedule = optax.warmup_cosine_decay_schedule(
+      init_value=0.0, peak_value=config.learning_rate, warmup_steps=warmup,
+      decay_steps=max(total_steps, warmup + 1),
+      end_value=config.learning_rate * config.end_learning_rate_fraction)
+
+  def decay_mask(params):
+    return jax.tree_util.tree_map_with_path(
+        lambda path, _: not path_to_str(path).endswith("scale"), params)
+
+  parts = []
+  if config.max_grad_norm > 0:
+    parts.append(optax.clip_by_global_norm(config.max_grad_norm))
+  parts.append(optax.adamw(schedule, b1=config.adam_b1, b2=config.adam_b2,
+                           weight_decay=config.weight_decay, mask=decay_mask))
+  return optax.chain(*parts), schedule
+
+
+def make_train_step(model_config: LlamaConfig, optimizer, token_sets
+                    ) -> Callable:
+  """step(params, opt_state, batch) -> (params, opt_state, metrics).
+
+  batch: dict of [A, M, T] tokens and [A, M] lengths / labels / weights.
+  metrics: mean loss and accuracy over real rows, pre-clipping grad norm.
+  """
+  def micro_batch_loss(params, micro):
+    tokens, lengths = micro["tokens"], micro["lengths"]
+    rows, length = tokens.shape
+    logits = forward(params, tokens, masks.default_positions(rows, length),
+                     masks.padded_causal_mask(lengths, length),
+                     config=model_config,
+                     logit_positions=(lengths - 1)[:, None])[:, 0]
+    log_p = label_log_probs(logits, token_sets)  # [M, 2]
+    labels = micro["labels"][:, None]
+    target = jnp.take_along_axis(log_p, labels, axis=1)[:, 0]
+    other = jnp.take_along_axis(log_p, 1 - labels, axis=1)[:, 0]
+    real = micro["weights"] > 0
+    loss_sum = -jnp.sum(jnp.where(real, target * micro["weights"], 0.0))
+    correct = jnp.sum(jnp.where(real & (target > other), micro["weights"], 0.0))
+    return loss_sum, correct
+
+  grad_fn = jax.value_and_grad(micro_batch_loss, has_aux=True)
+
+  def step(params, opt_state, batch):
+    def accumulate(carry, micro):
+      loss_sum, correct, grads = carry
+      (loss, right), g = grad_fn(params, micro)
+      return (loss_sum + loss, correct + right,
+              jax.tree.map(jnp.add, grads, g)), None
+
+    zeros = jax.tree.map(jnp.zeros_like, params)
+    start = (jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32), zeros)
+    (loss_sum, correct, grads), _ = jax.lax.scan(accumulate, start, batch)
+    rows = jnp.maximum(jnp.sum(batch["weights"]), 1.0)
+    grads = jax.tree.map(lambda g: g / rows.astype(g.dtype), grads)
+    grad_norm = optax.global_norm(grads)
+    updates, opt_state = optimizer.update(grads, opt_state, params)
+    params = optax.apply_updates(params, updates)
+    metrics = {"loss": loss_sum / rows, "accuracy": correct / rows,
+               "grad_norm": grad_norm}
+    return params, opt_state, metrics
+
+  return step
+
+
+def _abstract(tree, shardings=None):
+  if shardings is None:
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), tree)
+  return jax.tree.map(
+      lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+      tree, shardings)
+
+
+def _global_batch(host: data.HostBatch, sharding_of) -> dict:
+  """Host arrays -> global jax.Arrays; each process builds only its shards."""
+  return {name: jax.make_array_from_callback(
+              value.shape, sharding_of(value.ndim),
+              lambda index, value=value: value[index])
+          for name, value in host.arrays().items()}
+
+
+def _place_like_input(params, input_params):
+  """Moves params back to the input's shardings if it had other ones."""
+  leaves = jax.tree.leaves(input_params)
+  if not all(isinstance(x, jax.Array) for x in leaves):
+    return params
+  same = all(a.sharding.is_equivalent_to(b.sharding, a.ndim)
+             for a, b in zip(jax.tree.leaves(params), leaves))
+  if same:
+    return params
+  return jax.device_put(params, jax.tree.map(lambda x: x.sharding,
+                                             input_params))
+
+
+def train(model_config: LlamaConfig, params, examples: ExampleTokens,
+          labels: np.ndarray, config: TrainConfig, *, mesh=None,
+          workdir: Optional[str] = None,
+          metrics_callback: Optional[Callable[[int, dict], None]] = None,
+          progress: bool = True) -> TrainResult:
+  """Fine-tunes `params` on examples labelled `labels` (0 False, 1 True).
+
+  mesh: the ('data', 'fsdp', 'tensor') mesh; None = one device. Batch rows are
+    split over data*fsdp, so batch_size / grad_accum_steps must divide by it.
+  workdir: orbax checkpoints + train_state.json + train_metrics.jsonl; an
+    existing checkpoint of the same run is resumed (bit-equal to a run never
+    interrupted), one of a different run is refused. None = no files.
+  metrics_callback(step, record): called after each optimizer step (1-based)
+    with the record written to train_metrics.jsonl.
+  The input params are copied, never donated, so the caller keeps them.
+  """
+  labels = data.check_labels(examples, labels)
+  max_len = model_config.max_position_embeddings
+  data.check_lengths(examples, max_len)
+  if mesh is None:
+    mesh = create_mesh(MeshConfig(1, 1, 1), devices=[jax.devices()[0]])
+  divisor = batch_divisor(mesh)
+  if config.micro_batch_size % divisor:
+    raise ValueError(
+        f"train.batch_size={config.batch_size} / train.grad_accum_steps="
+        f"{config.grad_accum_steps} = {config.micro_batch_size} rows per "
+        f"micro-batch must be a multiple of the mesh's data*fsdp={divisor}")
+
+  num_examples = examples.num_examples
+  total_steps = data.num_steps(num_examples, config.num_epochs,
+                               config.batch_size)
+  compute_dtype = resolve_compute_dtype(config.compute_dtype)
+  forward_config = dataclasses.replace(model_config, dtype=compute_dtype,
+                                       remat=config.remat)
+  optimizer, schedule = make_optimizer(config, total_steps)
+
+  abstract_params = _abstract(params)
+  p_shardings = param_shardings(abstract_params, mesh)
+  abstract_opt = jax.eval_shape(optimizer.init, abstract_params)
+  o_shardings = param_shardings(abstract_opt, mesh, OPT_STATE_RULES)
+  row_sharding = lambda ndim: NamedSharding(  # noqa: E731
+      mesh, P(None, BATCH_AXES, *([None] * (ndim - 2))))
+  batch_shardings = {"tokens": row_sharding(3), "lengths": row_sharding(2),
+                     "labels": row_sharding(2), "weights": row_sharding(2)}
+  replicated = NamedSharding(mesh, P())
+  step_fn = jax.jit(
+      make_train_step(forward_config, optimizer, examples.label_token_sets),
+      in_shardings=(p_shardings, o_shardings, batch_shardings),
+      out_shardings=(p_shardings, o_shardings, replicated),
+      donate_argnums=(0, 1))
+
+  checkpoints = None
+  if workdir is not None:
+    checkpoints = TrainCheckpoints(
+        workdir, run_fingerprint(config, model_config, compute_dtype,
+                                 examples, labels), config.keep_checkpoints)
+  input_params = params
+  losses, seconds, tokens = [], [], []
+  start_step = 0
+  try:
+    with jax.set_mesh(mesh):
+      latest = None if checkpoints is None else checkpoints.latest_step()
+      if latest is not None:
+        if latest > total_steps:
+          raise ValueError(f"{workdir}: latest checkpoint is step {latest}, "
+                           f"but this run has only {total_steps} steps")
+        params, opt_state = checkpoints.restore(
+            latest, _abstract(abstract_params, p_shardings),
+            _abstract(abstract_opt, o_shardings))
+        start_step = latest
+        logging.info("train: resumed from step %d of %d in %s", latest,
+                     total_steps, workdir)
+      else:
+        # A copy: the step donates its params, and the caller keeps theirs.
+        params = jax.device_put(params, p_shardings, may_alias=False)
+        opt_state = jax.jit(optimizer.init, out_shardings=o_shardings)(params)
+
+      metrics_log = None if workdir is None else MetricsLog(workdir, start_step)
+      bar = tqdm(total=total_steps, initial=start_step, desc="train",
+                 disable=not progress)
+      try:
+        for step in range(start_step, total_steps):
+          began = time.perf_counter()
+          indices = data.step_example_indices(
+              step, num_examples, config.num_epochs, config.batch_size,
+              config.seed)
+          host = data.build_batch(examples, labels, indices,
+                                  config.grad_accum_steps, config.min_seq_len,
+                                  max_len)
+          batch = _global_batch(host, row_sharding)
+          params, opt_state, metrics = step_fn(params, opt_state, batch)
+          metrics = jax.device_get(metrics)
+          elapsed = time.perf_counter() - began
+          done = step + 1
+          record = {
+              "step": done,
+              "loss": float(metrics["loss"]),
+              "accuracy": float(metrics["accuracy"]),
+              "learning_rate": float(schedule(step)),
+              "grad_norm": float(metrics["grad_norm"]),
+              "seconds": elapsed,
+              "tokens": host.num_tokens,
+              "examples": int(np.sum(host.weights > 0)),
+              "seq_len": int(host.tokens.shape[-1]),
+          }
+          losses.append(record["loss"])
+          seconds.append(elapsed)
+          tokens.append(host.num_tokens)
+          if metrics_log is not None:
+            metrics_log.write(record)
+          if checkpoints is not None and (
+              done == total_steps or
+              (config.checkpoint_every and done % config.checkpoint_every == 0)):
+            checkpoints.save(done, params, opt_state)
+          if done % config.log_every == 0 or done == total_steps:
+            logging.info("train step %d/%d: loss %.4f acc %.3f lr %.3g "
+                         "grad_norm %.3g %.3fs %d tokens", done, total_steps,
+                         record["loss"], record["accuracy"],
+                         record["learning_rate"], record["grad_norm"],
+                         elapsed, host.num_tokens)
+          bar.update(1)
+          bar.set_postfix(loss=f"{record['loss']:.4f}")
+          if metrics_callback is not None:
+            metrics_callback(done, record)
+      finally:
+        bar.close()
+        if metrics_log is not None:
+          metrics_log.close()
+  finally:
+    if checkpoints is not None:
+      checkpoints.close()
+
+  return TrainResult(params=_place_like_input(params, input_params),
+                     steps=total_steps,
+                     losses=np.asarray(losses, np.float64),
+                     step_seconds=np.asarray(seconds, np.float64),
+                     tokens_per_step=np.asarray(tokens, np.int64),
+                     start_step=start_step)
