@@ -15,7 +15,10 @@ import numpy as np
 import pytest
 
 from icm_jax import sharding
-from icm_jax.evaluation import label_log_probs, select_demonstrations
+from icm_jax.evaluation import (format_table, label_log_probs, method_result,
+                                plot_accuracy_bars, plot_search_trajectory,
+                                read_metrics, read_report, results_of,
+                                select_demonstrations, write_report)
 from icm_jax.model import (LlamaConfig, forward, init_params, masks,
                            param_shapes)
 from icm_jax.tokenization import ExampleTokens
@@ -39,13 +42,25 @@ def make_examples(lengths, header=(), sep=(3, 3), seed=0):
                        np.array(header, np.int32), LABEL_SETS)
 
 
-def naive_log_probs(params, config, sequence, token_sets):
-  """One unpadded sequence through `forward`; word log-probs at its end."""
-  t = len(sequence)
-  logits = forward(params, jnp.asarray([sequence]),
-                   masks.default_positions(1, t), masks.causal_mask(1, t),
-                   config=config)
-  logp = np.asarray(jax.nn.log_softmax(logits[0, -1]), np.float64)
+REF_WIDTH = 128
+
+
+@jax.jit
+def _naive_logits(params, row):
+  # Plain causal forward over one row; trailing zeros cannot affect earlier
+  # positions of a causal decoder, so one fixed width means one compilation.
+  return forward(params, row, masks.default_positions(1, REF_WIDTH),
+                 masks.causal_mask(1, REF_WIDTH), config=CFG)
+
+
+def naive_log_probs(params, sequence, token_sets):
+  """One full sequence, no cache; word log-probs after its last token."""
+  assert len(sequence) <= REF_WIDTH
+  row = np.zeros((1, REF_WIDTH), np.int32)
+  row[0, :len(sequence)] = sequence
+  logits = _naive_logits(params, jnp.asarray(row))
+  logp = np.asarray(jax.nn.log_softmax(logits[0, len(sequence) - 1]),
+                    np.float64)
   return tuple(float(np.log(np.exp(logp[s]).sum())) for s in token_sets)
 
 
@@ -74,7 +89,7 @@ def test_tiny_model_matches_naive(params, header):
                              batch_size=4, min_seq_len=8)
     assert lf.shape == lt.shape == (len(queries),)
     for k, q in enumerate(queries):
-      ref = naive_log_probs(params, CFG, context_tokens(ex, d, y, q), LABEL_SETS)
+      ref = naive_log_probs(params, context_tokens(ex, d, y, q), LABEL_SETS)
       np.testing.assert_allclose([lf[k], lt[k]], ref, atol=2e-5,
                                  err_msg=f"query {q} demos={use_demos}")
 
@@ -146,3 +161,131 @@ def test_select_demonstrations_greedy_prefix():
   assert select_demonstrations(ex, candidates, queries, base) == []
   with pytest.raises(ValueError, match=r"query 'ex3'.*13 tokens > max_context 12"):
     select_demonstrations(ex, candidates, queries, base - 1)
+
+
+def test_select_demonstrations_errors():
+  ex = make_examples([5, 9, 3])
+  with pytest.raises(ValueError, match="no queries"):
+    select_demonstrations(ex, [0], [], 100)
+  with pytest.raises(ValueError, match="candidate index 7 out of range"):
+    select_demonstrations(ex, [7], [0], 100)
+  with pytest.raises(TypeError, match="query index"):
+    select_demonstrations(ex, [0], ["ex1"], 100)
+
+
+# -----------------------------------------------------------------------------
+# Reports
+# -----------------------------------------------------------------------------
+
+
+def test_method_result_counts():
+  rng = np.random.RandomState(0)
+  lf, lt = rng.randn(50), rng.randn(50)
+  gold = rng.randint(0, 2, 50)
+  r = method_result("many_shot_icm", lf, lt, gold, num_demonstrations=7,
+                    extra={"seconds": 1.5})
+  # Independent count, one example at a time.
+  correct = sum(int((t > f) == bool(g)) for f, t, g in zip(lf, lt, gold))
+  assert (r.num_correct, r.num_examples) == (correct, 50)
+  assert r.accuracy == pytest.approx(correct / 50)
+  assert r.predicted_true_fraction == pytest.approx(np.mean(lt > lf))
+  assert r.num_demonstrations == 7 and r.extra == {"seconds": 1.5}
+  # Perfect and inverted predictors.
+  assert method_result("m", -gold, gold - 0.5, gold).accuracy == 1.0
+  assert method_result("m", gold - 0.5, -gold, gold).accuracy == 0.0
+
+
+def test_method_result_errors():
+  with pytest.raises(ValueError, match=r"zero_shot: gold label 2 at position 1"):
+    method_result("zero_shot", [0, 0, 0], [1, 1, 1], [0, 2, 1])
+  with pytest.raises(ValueError, match="differ in length"):
+    method_result("m", [0, 0], [1, 1, 1], [0, 1, 1])
+  with pytest.raises(ValueError, match="no examples"):
+    method_result("m", [], [], [])
+  with pytest.raises(ValueError, match="non-finite log-probs at position 0"):
+    method_result("m", [np.nan], [0.0], [1])
+
+
+def test_report_round_trip(tmp_path):
+  a = method_result("zero_shot", [0, 1, 0, 1], [1, 0, 0, 2], [1, 0, 1, 1])
+  b = method_result("finetune_icm", [0, 0], [1, 1], [1, 1],
+                    extra={"steps": np.int64(30)})
+  path = str(tmp_path / "out" / "report.json")
+  written = write_report(path, [a, b], model="SmolLM2", seed=np.int32(3))
+  assert read_report(path) == written
+  assert written["model"] == "SmolLM2" and written["seed"] == 3
+  assert results_of(written)[0] == a
+  assert results_of(written)[1].extra == {"steps": 30}
+  assert [r["accuracy"] for r in written["results"]] == [0.75, 1.0]
+  assert os.listdir(tmp_path / "out") == ["report.json"]  # no temp left
+  table = format_table([a, b]).splitlines()
+  assert len(table) == 4
+  assert table[2].split("|")[1:6] == [" zero_shot ", " 0.750 (3) ", " 4 ",
+                                      " 0 ", " 0.500 "]
+  with pytest.raises(ValueError, match="duplicate methods"):
+    write_report(path, [a, a])
+  (tmp_path / "bad.json").write_text("{")
+  with pytest.raises(ValueError, match="bad.json: not valid JSON"):
+    read_report(str(tmp_path / "bad.json"))
+
+
+# -----------------------------------------------------------------------------
+# Plots
+# -----------------------------------------------------------------------------
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def assert_png(path):
+  with open(path, "rb") as f:
+    data = f.read()
+  assert data[:8] == PNG_MAGIC and len(data) > 1000, path
+
+
+def write_metrics(path, n, gold=True, seed=0):
+  rng = np.random.RandomState(seed)
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  with open(path, "w") as f:
+    for it in range(n):
+      record = {"iteration": it, "U": float(-50 + it + rng.randn()),
+                "P": -40.0, "I": 1, "labelled": min(it + 8, 20), "flips": it}
+      if gold:
+        record["gold_agreement"] = None if it == 0 else float(rng.rand())
+      f.write(json.dumps(record) + "\n")
+
+
+def test_plots_write_png(tmp_path):
+  a = method_result("zero_shot", [0, 1, 0, 1], [1, 0, 0, 2], [1, 0, 1, 1])
+  b = method_result("many_shot_gold", [0, 0], [1, 1], [1, 1])
+  out = plot_accuracy_bars([a, b], str(tmp_path / "plots" / "acc.png"), "t")
+  assert out == str(tmp_path / "plots" / "acc.png")
+  assert_png(out)
+  gold_files = [str(tmp_path / f"batch_00{k}" / "metrics.jsonl") for k in (0, 1)]
+  for k, p in enumerate(gold_files):
+    write_metrics(p, 30 + k, gold=True, seed=k)
+  assert_png(plot_search_trajectory(gold_files, str(tmp_path / "traj.png")))
+  plain = str(tmp_path / "nogold" / "metrics.jsonl")
+  write_metrics(plain, 20, gold=False)
+  assert_png(plot_search_trajectory({"run": plain},
+                                    str(tmp_path / "traj_nogold.png")))
+  assert [r["iteration"] for r in read_metrics(plain)] == list(range(20))
+
+
+def test_plots_reject_bad_metrics(tmp_path):
+  good = str(tmp_path / "good" / "metrics.jsonl")
+  write_metrics(good, 5)
+  bad = tmp_path / "bad" / "metrics.jsonl"
+  bad.parent.mkdir()
+  bad.write_text(json.dumps({"iteration": 0, "U": 1.0}) + "\n{oops\n")
+  out = str(tmp_path / "x.png")
+  with pytest.raises(ValueError, match=r"bad/metrics.jsonl line 2: not valid JSON"):
+    plot_search_trajectory([good, str(bad)], out)
+  bad.write_text(json.dumps({"iteration": 0}) + "\n")
+  with pytest.raises(ValueError, match=r"bad/metrics.jsonl line 1: 'U' missing"):
+    plot_search_trajectory([str(bad)], out)
+  bad.write_text("\n")
+  with pytest.raises(ValueError, match=r"bad/metrics.jsonl is empty"):
+    plot_search_trajectory([str(bad)], out)
+  with pytest.raises(ValueError, match=r"nothere.jsonl does not exist"):
+    plot_search_trajectory([str(tmp_path / "nothere.jsonl")], out)
+  assert not os.path.exists(out)
