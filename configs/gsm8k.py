@@ -1,0 +1,25 @@
+"""GSM8K-verification with the paper's settings, for Llama-3.1-8B / 70B.
+
+  python main.py --config=configs/gsm8k.py --workdir=DIR \
+      --config.model.path=/models/Meta-Llama-3.1-8B \
+      --config.data.test=/data/icm/test_gsm8k.json
+
+Claims are LM-written solutions ("cot"); solutions to the same question with
+the same final answer must agree (consistency key = the answer). The ICM
+release has only a test file, so it is split into train/test by whole
+question (data.split_from_test). Search settings: the paper's, which are
+SearchConfig's defaults (alpha=50, K=8, T0=10, T_min=0.01, beta=0.99, log
+schedule, 3000 iterations), ICM batches of 256 claims.
+"""
+
+from icm_jax.run_config import default_config
+
+
+def get_config():
+  config = default_config()
+  config.task.name = "gsm8k"
+  config.data.split_from_test = True
+  config.train.batch_size = 32
+  config.train.learning_rate = 1e-5
+  config.train.remat = True
+  return config

@@ -1,0 +1,160 @@
+"""main.py's job: config → task → labels (ICM) → fine-tuning → evaluation.
+
+    run(config, workdir)   # config: ml_collections.ConfigDict (run_config)
+
+Stage modules, one file each: `inputs` (task records and the model),
+`label_stage`, `train_stage`, `eval_stage`. Each stage reads what the previous
+one wrote to the workdir, so `--config.stages=eval` re-runs only the
+comparison. On multi-host runs every process computes every stage (SPMD);
+process 0 writes the run's files, the others keep their search state in
+`<workdir>/.process_NNN/` (so each resumes from its own identical copy) and
+share orbax checkpoints, which every process writes collectively.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import logging
+import os
+import time
+from typing import Dict, Optional
+
+import jax
+import ml_collections
+
+from icm_jax.pipeline.eval_stage import run_eval_stage
+from icm_jax.pipeline.inputs import load_inputs, load_model_for_run
+from icm_jax.pipeline.label_stage import (LABEL_DIR, labels_path, read_labels,
+                                          run_label_stage)
+from icm_jax.pipeline.train_stage import (export_icm_model, finetune,
+                                          training_labels)
+from icm_jax.run_config import parse_config
+from icm_jax.sharding import create_mesh, initialize_distributed
+from icm_jax.tensorboard import EventWriter
+
+log = logging.getLogger(__name__)
+
+TRAJECTORY_PLOT = "search_trajectory.png"
+CONFIG_FILE = "config.json"
+
+
+def process_workdir(workdir: str, process_index: int) -> str:
+  """Where this process keeps its own (non-collective) files."""
+  if process_index == 0:
+    return workdir
+  return os.path.join(workdir, f".process_{process_index:03d}")
+
+
+def trajectory_files(label_dir: str) -> Dict[str, str]:
+  files = sorted(glob.glob(os.path.join(label_dir, "**", "metrics.jsonl"),
+                           recursive=True))
+  return {os.path.relpath(os.path.dirname(f), label_dir): f for f in files}
+
+
+def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
+  """Runs the configured stages; returns {name: path} of what was written."""
+  cfg = parse_config(config)
+  process_index, process_count = initialize_distributed()
+  writer = process_index == 0
+  own_dir = process_workdir(workdir, process_index)
+  os.makedirs(own_dir, exist_ok=True)
+  if writer:
+    with open(os.path.join(workdir, CONFIG_FILE), "w") as f:
+      f.write(config.to_json_best_effort(indent=1, sort_keys=True))
+  log.info("process %d of %d; %d devices (%s); workdir %s", process_index,
+           process_count, jax.device_count(), jax.default_backend(), workdir)
+  inputs = load_inputs(cfg)
+  mesh = create_mesh(cfg.mesh)
+  model = load_model_for_run(cfg, mesh)
+  events = EventWriter(os.path.join(workdir, "tensorboard"),
+                       enabled=writer and cfg.tensorboard)
+  outputs = {}
+  finetuned_cache = {}
+
+  def finetuned(source: str, icm_labels=None, name: Optional[str] = None):
+    name = name or source
+    if name not in finetuned_cache:
+      examples, labels = training_labels(source, inputs.train, icm_labels,
+                                         cfg.seed)
+      with jax.set_mesh(mesh):
+        result = finetune(cfg, inputs.task, model, mesh, examples, labels,
+                          name, workdir, events)
+      finetuned_cache[name] = result.params
+    return finetuned_cache[name]
+
+  icm_labels = None
+  with events:
+    if "label" in cfg.stages:
+      t = time.perf_counter()
+
+      def iterate(examples, labels, name):
+        found = {e.id: (None if l < 0 else int(l))
+                 for e, l in zip(examples, labels)}
+        return finetuned("icm", found, name=f"icm_{name}")
+
+      icm_labels = run_label_stage(cfg, inputs, model, mesh, own_dir,
+                                   finetune=iterate)
+      log.info("label stage: %.1f s", time.perf_counter() - t)
+      outputs["labels"] = labels_path(workdir)
+      _log_search_events(events, os.path.join(own_dir, LABEL_DIR))
+    elif {"train", "eval"} & set(cfg.stages):
+      try:
+        icm_labels = read_labels(own_dir)
+      except FileNotFoundError:
+        if "train" in cfg.stages or any(
+            m.endswith("_icm") for m in cfg.eval_methods):
+          raise
+    if "train" in cfg.stages:
+      t = time.perf_counter()
+      params = finetuned("icm", icm_labels)
+      if cfg.export_hf:
+        outputs["model"] = export_icm_model(model, params, workdir)
+      log.info("train stage: %.1f s", time.perf_counter() - t)
+    if "eval" in cfg.stages:
+      t = time.perf_counter()
+      metadata = dict(task=inputs.task.name, model=model.description,
+                      stages=list(cfg.stages), icm=_icm_summary(
+                          inputs, icm_labels))
+      run_eval_stage(cfg, inputs, model, mesh, workdir, icm_labels,
+                     lambda source: finetuned(source, icm_labels), writer,
+                     events, metadata)
+      log.info("eval stage: %.1f s", time.perf_counter() - t)
+      outputs["report"] = os.path.join(workdir, "report.json")
+      outputs["accuracy_plot"] = os.path.join(workdir, "accuracy.png")
+  if writer:
+    files = trajectory_files(os.path.join(workdir, LABEL_DIR))
+    if files:
+      from icm_jax.evaluation.plots import plot_search_trajectory
+      outputs["trajectory_plot"] = plot_search_trajectory(
+          files, os.path.join(workdir, TRAJECTORY_PLOT))
+    if cfg.tensorboard:
+      outputs["tensorboard"] = os.path.join(workdir, "tensorboard")
+  return outputs
+
+
+def _icm_summary(inputs, icm_labels) -> Optional[dict]:
+  if icm_labels is None:
+    return None
+  labelled = [(e, icm_labels.get(e.id)) for e in inputs.train]
+  labelled = [(e, l) for e, l in labelled if l is not None]
+  with_gold = [(e, l) for e, l in labelled if e.gold is not None]
+  return {
+      "labelled": len(labelled),
+      "true_fraction": (sum(l for _, l in labelled) / len(labelled)
+                        if labelled else None),
+      "gold_agreement": (sum(int(l == e.gold) for e, l in with_gold) /
+                         len(with_gold) if with_gold else None),
+  }
+
+
+def _log_search_events(events, label_dir: str) -> None:
+  """The searches' metrics.jsonl as TensorBoard scalars (U, P, I, agreement)."""
+  for name, path in trajectory_files(label_dir).items():
+    with open(path) as f:
+      for line in f:
+        record = json.loads(line)
+        values = {f"search/{name}/{k}": record[k]
+                  for k in ("U", "P", "I", "gold_agreement", "labelled")
+                  if record.get(k) is not None}
+        events.scalars(values, int(record["iteration"]))

@@ -1,0 +1,100 @@
+"""Stage 1: ICM labels for the train split (optionally iterating with fine-tuning).
+
+Writes `<workdir>/label/labels.jsonl` (one line per train example, in input
+order: id, label 0/1 or null, final LOO scores, search batch), the per-batch
+search directories (checkpoints, metrics.jsonl) and `summary.json`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+from typing import Dict, Optional
+
+import numpy as np
+
+from icm_jax.labelling import model_scorer_factory, run_icm
+from icm_jax.pipeline.inputs import Inputs, Model, example_tokens
+from icm_jax.run_config import RunConfig
+from icm_jax.search import split_into_batches
+from icm_jax.search.consistency import UNLABELLED
+from icm_jax.search.outputs import write_labels
+
+log = logging.getLogger(__name__)
+
+LABEL_DIR = "label"
+LABELS_FILE = "labels.jsonl"
+
+
+def labels_path(workdir: str) -> str:
+  return os.path.join(workdir, LABEL_DIR, LABELS_FILE)
+
+
+def read_labels(workdir: str) -> Dict[str, Optional[int]]:
+  """id -> ICM label (None if the search never labelled it)."""
+  path = labels_path(workdir)
+  if not os.path.exists(path):
+    raise FileNotFoundError(
+        f"{path} does not exist: run the 'label' stage first "
+        "(--config.stages=label,...)")
+  labels = {}
+  with open(path) as f:
+    for n, line in enumerate(f, 1):
+      try:
+        record = json.loads(line)
+        labels[record["id"]] = record["label"]
+      except (json.JSONDecodeError, KeyError) as e:
+        raise ValueError(f"{path}:{n}: malformed labels line: {e}") from e
+  return labels
+
+
+def run_label_stage(cfg: RunConfig, inputs: Inputs, model: Model, mesh,
+                    workdir: str, finetune=None) -> Dict[str, Optional[int]]:
+  """ICM over inputs.train; returns id -> label.
+
+  `workdir` is where this process writes (see pipeline.run: process 0 the
+  run's workdir, other processes a scratch copy). `finetune(examples,
+  labels, run_name) -> params` is required for the iterative scheme (label batch k with M_{k-1}, fine-tune M0 on every label
+  found so far -> M_k).
+  """
+  label_dir = os.path.join(workdir, LABEL_DIR)
+  common = dict(task=inputs.task, tokenizer=model.tokenizer, search=cfg.search,
+                context_length=model.max_context, label_rule=cfg.label_rule,
+                progress=cfg.progress)
+  if not cfg.iterative:
+    run = run_icm(inputs.train, scorer_factory=model_scorer_factory(
+        model.config, model.params, cfg.scoring, mesh=mesh),
+                  batch_size=cfg.label_batch_size, workdir=label_dir, **common)
+    return {i: (None if l == UNLABELLED else int(l))
+            for i, l in zip(run.ids, run.labels)}
+  if finetune is None:
+    raise ValueError("label.iterative needs a fine-tuning function")
+  examples = inputs.train
+  batches = split_into_batches([e.group for e in examples],
+                               cfg.label_batch_size, cfg.search.seed)
+  labels = np.full(len(examples), UNLABELLED, np.int8)
+  log_p = np.full((2, len(examples)), np.nan, np.float32)
+  batch_of = np.empty(len(examples), np.int64)
+  params = model.params
+  for k, members in enumerate(batches):
+    batch_examples = [examples[i] for i in members]
+    search = dataclasses.replace(cfg.search, seed=cfg.search.seed + k)
+    run = run_icm(batch_examples, scorer_factory=model_scorer_factory(
+        model.config, params, cfg.scoring, mesh=mesh),
+                  batch_size=len(batch_examples),
+                  workdir=os.path.join(label_dir, f"iteration_{k:03d}"),
+                  **dict(common, search=search))
+    labels[members] = run.labels
+    log_p[:, members] = run.log_p_false, run.log_p_true
+    batch_of[members] = k
+    log.info("iteration %d: %d examples labelled, gold agreement %s", k,
+             int((run.labels != UNLABELLED).sum()), run.gold_agreement)
+    if k + 1 < len(batches):
+      # M_k: M0 fine-tuned on every ICM label so far; it labels batch k+1.
+      params = finetune(examples, labels, f"iteration_{k:03d}")
+  write_labels(labels_path(workdir), [e.id for e in examples], labels,
+               log_p[0], log_p[1], batch=batch_of)
+  return {e.id: (None if l == UNLABELLED else int(l))
+          for e, l in zip(examples, labels)}

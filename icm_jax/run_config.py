@@ -1,0 +1,239 @@
+"""The run configuration: one `ml_collections.ConfigDict` for main.py.
+
+`default_config()` holds every key main.py understands. The stage sections
+(`scoring`, `search`, `train`) are generated from the defaults of their
+dataclasses, so a config file only sets what differs and `--config.x.y=v`
+overrides any key. `parse_config` turns the ConfigDict into typed stage
+configs and raises `ConfigError` naming the key on any bad value, before a
+model or dataset is loaded.
+
+Sections:
+  stages        "label,train,eval" (any subset; each reads what the previous
+                stages wrote to the workdir)
+  task          a built-in task {"name": ..., its options} or a generic one
+                (see icm_jax.tasks.config)
+  data          train/test files ("" = the task's bundled file), split and
+                example limits
+  model         checkpoint path (HF dir or .gguf) or a random tiny model
+  mesh          ('data', 'fsdp', 'tensor') axis sizes
+  scoring       ScoringConfig (LOO kernel)
+  search        SearchConfig (annealing) + label batch size
+  label         ICM batch size, iterative fine-tuning switch
+  train         TrainConfig (fine-tuning)
+  eval          which comparisons to run and their context budget
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Optional, Tuple
+
+import ml_collections
+from ml_collections import config_dict
+
+from icm_jax.scoring.scorer import ScoringConfig
+from icm_jax.search.config import SearchConfig
+from icm_jax.training.config import TrainConfig
+
+STAGES = ("label", "train", "eval")
+EVAL_METHODS = ("zero_shot", "many_shot_gold", "many_shot_icm",
+                "finetune_gold", "finetune_icm", "finetune_random")
+MODEL_DTYPES = ("float32", "bfloat16")
+
+
+class ConfigError(ValueError):
+  """A bad config value; the message starts with the key."""
+
+
+def _dataclass_section(cls) -> ml_collections.ConfigDict:
+  return ml_collections.ConfigDict(
+      {f.name: f.default for f in dataclasses.fields(cls)})
+
+
+def default_config() -> ml_collections.ConfigDict:
+  """Every key main.py reads, with its default."""
+  c = ml_collections.ConfigDict()
+  c.stages = ",".join(STAGES)
+  c.seed = 0
+  c.task = ml_collections.ConfigDict({"name": "truthfulqa"})
+  c.data = ml_collections.ConfigDict(dict(
+      train="",          # records file or "tfds:<name>/<split>"; "" = bundled
+      test="",
+      # Tasks with one file (GSM8K, Alpaca): split it by whole group.
+      split_from_test=False,
+      test_fraction=0.5,
+      max_train_examples=0,  # 0 = all; else the first whole groups that fit
+      max_test_examples=0,
+      tfds_data_dir="",
+      tfds_manual_dir="",
+  ))
+  c.model = ml_collections.ConfigDict(dict(
+      path=config_dict.placeholder(str),   # HF directory or .gguf file
+      # A randomly initialised model of this architecture instead of `path`
+      # (tests, smoke runs); `tokenizer` must then name a tokenizer.
+      random_init=config_dict.placeholder(dict),
+      tokenizer="",     # "" = the checkpoint's own
+      dtype="auto",     # compute dtype for scoring/eval: auto = bf16 on TPU/GPU
+      param_dtype="float32",
+      max_context=0,    # 0 = the model's max_position_embeddings
+  ))
+  c.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=-1, tensor=1))
+  c.scoring = _dataclass_section(ScoringConfig)
+  c.search = _dataclass_section(SearchConfig)
+  c.label = ml_collections.ConfigDict(dict(
+      batch_size=256,      # examples per ICM search (the paper's K)
+      label_rule="variants",
+      # Official README's iterative scheme: label batch 1 with M0, fine-tune
+      # -> M1, label batch 2 with M1, ... (each fine-tune starts from M0 and
+      # uses every ICM label found so far).
+      iterative=False,
+  ))
+  c.train = _dataclass_section(TrainConfig)
+  c.train.export_hf = True     # write the ICM-fine-tuned model as an HF dir
+  c.eval = ml_collections.ConfigDict(dict(
+      methods=",".join(EVAL_METHODS),
+      max_context=0,     # many-shot budget in tokens; 0 = model.max_context
+      batch_size=8,
+      demo_seed=0,       # order in which train examples are tried as demos
+  ))
+  c.log = ml_collections.ConfigDict(dict(progress=True, tensorboard=True))
+  return c
+
+
+@dataclasses.dataclass(frozen=True)
+class RunConfig:
+  """Typed view of a validated ConfigDict."""
+
+  stages: Tuple[str, ...]
+  seed: int
+  task: dict
+  data: ml_collections.ConfigDict
+  model: ml_collections.ConfigDict
+  mesh: dict
+  scoring: ScoringConfig
+  search: SearchConfig
+  label_batch_size: int
+  label_rule: str
+  iterative: bool
+  train: TrainConfig
+  export_hf: bool
+  eval_methods: Tuple[str, ...]
+  eval_max_context: int
+  eval_batch_size: int
+  demo_seed: int
+  progress: bool
+  tensorboard: bool
+
+
+def _as_dict(section) -> dict:
+  return section.to_dict() if hasattr(section, "to_dict") else dict(section)
+
+
+def _typed(cls, section, name: str):
+  """cls(**section) with unknown keys and bad values reported as name.key."""
+  values = _as_dict(section)
+  known = {f.name for f in dataclasses.fields(cls)}
+  unknown = sorted(set(values) - known)
+  if unknown:
+    raise ConfigError(f"{name}: unknown keys {unknown}; known: {sorted(known)}")
+  try:
+    return cls(**values)
+  except (TypeError, ValueError) as e:
+    message = str(e)
+    if not message.startswith(name):
+      message = f"{name}: {message}"
+    raise ConfigError(message) from e
+
+
+def _csv(value: Any, key: str, allowed: Tuple[str, ...]) -> Tuple[str, ...]:
+  if isinstance(value, str):
+    items = tuple(s.strip() for s in value.split(",") if s.strip())
+  elif isinstance(value, (list, tuple)):
+    items = tuple(value)
+  else:
+    raise ConfigError(f"{key}={value!r} must be a comma-separated string")
+  bad = [s for s in items if s not in allowed]
+  if bad:
+    raise ConfigError(f"{key}: unknown {bad}; choose from {list(allowed)}")
+  return items
+
+
+def _positive_int(value, key: str, allow_zero: bool = False) -> int:
+  ok = isinstance(value, int) and not isinstance(value, bool) and (
+      value > 0 or (allow_zero and value == 0))
+  if not ok:
+    raise ConfigError(f"{key}={value!r} must be a "
+                      f"{'non-negative' if allow_zero else 'positive'} int")
+  return value
+
+
+def parse_config(config: ml_collections.ConfigDict) -> RunConfig:
+  """Validates everything that can be checked without loading anything."""
+  stages = _csv(config.stages, "stages", STAGES)
+  if not stages:
+    raise ConfigError("stages is empty; choose from label,train,eval")
+  task = _as_dict(config.task)
+  if not isinstance(task.get("name"), str) or not task["name"]:
+    raise ConfigError(f"task.name={task.get('name')!r} must be a task name")
+  # Resolve the task now so an unknown name or option fails before loading.
+  from icm_jax.tasks import task_from_config
+  try:
+    task_from_config(task)
+  except ValueError as e:
+    raise ConfigError(str(e)) from e
+  data = config.data
+  for key in ("max_train_examples", "max_test_examples"):
+    _positive_int(data[key], f"data.{key}", allow_zero=True)
+  if not 0.0 < float(data.test_fraction) < 1.0:
+    raise ConfigError(f"data.test_fraction={data.test_fraction!r} must be in "
+                      "(0, 1)")
+  model = config.model
+  if model.path is None and model.random_init is None:
+    raise ConfigError("model.path is not set: pass --config.model.path=<HF "
+                      "checkpoint directory or .gguf file>")
+  if model.path is not None and model.random_init is not None:
+    raise ConfigError("model.path and model.random_init are both set; choose "
+                      "one")
+  if model.random_init is not None and not model.tokenizer:
+    raise ConfigError("model.tokenizer must name a tokenizer (HF directory or "
+                      ".gguf) when model.random_init is used")
+  if model.dtype not in ("auto",) + MODEL_DTYPES:
+    raise ConfigError(f"model.dtype={model.dtype!r} not in "
+                      f"{('auto',) + MODEL_DTYPES}")
+  if model.param_dtype not in MODEL_DTYPES:
+    raise ConfigError(f"model.param_dtype={model.param_dtype!r} not in "
+                      f"{MODEL_DTYPES}")
+  _positive_int(model.max_context, "model.max_context", allow_zero=True)
+  mesh = _as_dict(config.mesh)
+  try:
+    from icm_jax.sharding import MeshConfig
+    MeshConfig.from_any(mesh)
+  except (TypeError, ValueError) as e:
+    raise ConfigError(f"mesh: {e}") from e
+  scoring = _typed(ScoringConfig, config.scoring, "scoring")
+  search = _typed(SearchConfig, config.search, "search")
+  train_values = _as_dict(config.train)
+  export_hf = bool(train_values.pop("export_hf", True))
+  train = _typed(TrainConfig, train_values, "train")
+  label = config.label
+  _positive_int(label.batch_size, "label.batch_size")
+  if label.label_rule not in ("exact", "variants"):
+    raise ConfigError(f"label.label_rule={label.label_rule!r} not in "
+                      "('exact', 'variants')")
+  methods = _csv(config.eval.methods, "eval.methods", EVAL_METHODS)
+  _positive_int(config.eval.max_context, "eval.max_context", allow_zero=True)
+  _positive_int(config.eval.batch_size, "eval.batch_size")
+  return RunConfig(
+      stages=stages, seed=int(config.seed), task=task, data=data, model=model,
+      mesh=mesh, scoring=scoring, search=search,
+      label_batch_size=label.batch_size, label_rule=label.label_rule,
+      iterative=bool(label.iterative), train=train, export_hf=export_hf,
+      eval_methods=methods, eval_max_context=int(config.eval.max_context),
+      eval_batch_size=int(config.eval.batch_size),
+      demo_seed=int(config.eval.demo_seed),
+      progress=bool(config.log.progress),
+      tensorboard=bool(config.log.tensorboard))
+
+
+def optional_path(value: str) -> Optional[str]:
+  return value or None
