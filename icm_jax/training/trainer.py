@@ -161,7 +161,7 @@ def make_train_step(model_config: LlamaConfig, optimizer, token_sets
     (loss_sum, correct, grads), _ = jax.lax.scan(accumulate, start, batch)
     rows = jnp.maximum(jnp.sum(batch["weights"]), 1.0)
     grads = jax.tree.map(lambda g: g / rows.astype(g.dtype), grads)
-    grad_norm = optax.global_norm(grads)
+    grad_norm = optax.tree.norm(grads)
     updates, opt_state = optimizer.update(grads, opt_state, params)
     params = optax.apply_updates(params, updates)
     metrics = {"loss": loss_sum / rows, "accuracy": correct / rows,

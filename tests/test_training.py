@@ -1,0 +1,373 @@
+"""The Optax trainer: loss against a naive per-example reference, optimizer
+steps against an independent optax loop, gradient accumulation, sharding,
+orbax resume after SIGKILL, bf16 compute and input validation.
+
+A tiny random Llama and hand-made ExampleTokens keep it fast; prompts use a
+few distinct lengths so the per-example (unpadded) references compile little.
+"""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+import pytest
+
+from icm_jax.model import LlamaConfig, forward, init_params
+from icm_jax.sharding import (MeshConfig, create_mesh, param_shardings,
+                              shard_params)
+from icm_jax.tokenization import ExampleTokens
+from icm_jax.training import TrainConfig, train
+
+TINY = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64,
+                   num_layers=2, num_heads=4, num_kv_heads=2, head_dim=8,
+                   max_position_embeddings=32)
+LABEL_SETS = (np.array([5, 9], np.int32), np.array([7], np.int32))
+LENGTHS = (4, 7, 11)
+MARKER = 11  # labels of the learnable task: is this token in the prompt?
+
+
+def make_examples(n, seed=0, header=(), lengths=LENGTHS):
+  rng = np.random.default_rng(seed)
+  prompts = []
+  for i in range(n):
+    p = rng.integers(12, 64, size=lengths[i % len(lengths)]).astype(np.int32)
+    if i % 2:
+      p[rng.integers(len(p))] = MARKER
+    prompts.append(p)
+  return ExampleTokens(
+      ids=tuple(f"ex{i}" for i in range(n)), prompts=tuple(prompts),
+      label_token=np.array([5, 7], np.int32), separator=np.array([3], np.int32),
+      header=np.asarray(header, np.int32), label_token_sets=LABEL_SETS)
+
+
+def marker_labels(examples):
+  return np.array([int(MARKER in p) for p in examples.prompts], np.int32)
+
+
+@pytest.fixture(scope="module")
+def tiny_params():
+  return init_params(TINY, jax.random.key(0))
+
+
+def to_numpy(tree):
+  return jax.tree.map(np.asarray, jax.device_get(tree))
+
+
+# -- independent references ---------------------------------------------------
+
+@jax.jit
+def _reference_log_probs(params, tokens):
+  """[2] log P(False), log P(True) after one unpadded row: full logits."""
+  t = tokens.shape[0]
+  logits = forward(params, tokens[None], jnp.arange(t)[None],
+                   jnp.tril(jnp.ones((1, t, t), bool)), config=TINY)
+  log_softmax = jax.nn.log_softmax(logits[0, -1])
+  return jnp.stack([jax.nn.logsumexp(log_softmax[s]) for s in LABEL_SETS])
+
+
+def reference_loss(params, row_tokens, label):
+  return -_reference_log_probs(params, row_tokens)[label]
+
+
+_reference_grad = jax.jit(jax.grad(reference_loss), static_argnums=2)
+
+
+def row(examples, i):
+  return np.concatenate([examples.header, examples.prompts[i]])
+
+
+def reference_run(params, examples, labels, cfg):
+  """The documented data order + naive mean loss + a plain optax AdamW."""
+  n, b = examples.num_examples, cfg.batch_size
+  stream = np.concatenate([
+      np.random.default_rng([cfg.seed, e]).permutation(n)
+      for e in range(cfg.num_epochs)])
+  steps = -(-len(stream) // b)
+  schedule = optax.warmup_cosine_decay_schedule(
+      0.0, cfg.learning_rate, cfg.warmup_steps, steps,
+      cfg.learning_rate * cfg.end_learning_rate_fraction)
+  no_decay_on_norms = lambda p: jax.tree_util.tree_map_with_path(  # noqa
+      lambda path, _: "scale" not in str(path[-1]), p)
+  opt = optax.chain(optax.clip_by_global_norm(cfg.max_grad_norm),
+                    optax.adamw(schedule, cfg.adam_b1, cfg.adam_b2,
+                                weight_decay=cfg.weight_decay,
+                                mask=no_decay_on_norms))
+  state = opt.init(params)
+  losses, norms = [], []
+  for k in range(steps):
+    rows = stream[k * b:(k + 1) * b]
+    grads = jax.tree.map(jnp.zeros_like, params)
+    loss = 0.0
+    for i in rows:
+      loss += float(reference_loss(params, row(examples, i), int(labels[i])))
+      g = _reference_grad(params, row(examples, i), int(labels[i]))
+      grads = jax.tree.map(jnp.add, grads, g)
+    grads = jax.tree.map(lambda g: g / len(rows), grads)
+    losses.append(loss / len(rows))
+    norms.append(float(optax.tree.norm(grads)))
+    updates, state = opt.update(grads, state, params)
+    params = optax.apply_updates(params, updates)
+  return params, losses, norms
+
+
+def recorder():
+  records = []
+  return records, lambda step, record: records.append((step, dict(record)))
+
+
+# -- tests ------------------------------------------------------------------
+
+
+def test_learns_a_fixed_labelling(tiny_params):
+  examples = make_examples(32, seed=1)
+  labels = marker_labels(examples)
+  cfg = TrainConfig(learning_rate=1e-2, warmup_steps=5, num_epochs=25,
+                    batch_size=8, weight_decay=0.0, min_seq_len=16)
+  result = train(TINY, tiny_params, examples, labels, cfg, progress=False)
+  assert result.steps == len(result.losses) == 100
+  assert result.losses[-10:].mean() < 0.2 * result.losses[:5].mean()
+  correct = [int(np.argmax(_reference_log_probs(result.params, p))) == y
+             for p, y in zip(examples.prompts, labels)]
+  assert np.mean(correct) >= 0.9
+  for leaf in jax.tree.leaves(result.params):
+    assert leaf.dtype == jnp.float32
+  assert result.tokens_per_step.sum() == sum(
+      len(p) for p in examples.prompts) * cfg.num_epochs
+  assert result.tokens_per_second > 0 and result.mean_step_seconds > 0
+
+
+@pytest.mark.parametrize("grad_accum_steps", [1, 2, 3])
+def test_steps_match_naive_reference(tiny_params, grad_accum_steps):
+  # 10 examples, batches of 6: the second step holds 4 real rows + 2 padding;
+  # a header is prepended to every row; rows are right-padded to 16.
+  examples = make_examples(10, seed=2, header=[1, 2])
+  labels = np.random.default_rng(3).integers(0, 2, 10)
+  cfg = TrainConfig(learning_rate=1e-3, warmup_steps=1, num_epochs=1,
+                    batch_size=6, grad_accum_steps=grad_accum_steps,
+                    weight_decay=0.1, max_grad_norm=0.05, min_seq_len=16)
+  records, callback = recorder()
+  result = train(TINY, tiny_params, examples, labels, cfg,
+                 metrics_callback=callback, progress=False)
+  ref_params, ref_losses, ref_norms = reference_run(tiny_params, examples,
+                                                    labels, cfg)
+  assert [s for s, _ in records] == [1, 2]
+  np.testing.assert_allclose([r["loss"] for _, r in records], ref_losses,
+                             rtol=1e-5)
+  np.testing.assert_allclose([r["grad_norm"] for _, r in records], ref_norms,
+                             rtol=1e-4)
+  assert records[0][1]["learning_rate"] == 0.0  # linear warmup from 0
+  assert records[1][1]["examples"] == 4
+  assert records[1][1]["tokens"] == sum(
+      len(row(examples, i)) for i in
+      np.random.default_rng([0, 0]).permutation(10)[6:])
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5,
+                                                       atol=1e-7),
+               to_numpy(result.params), to_numpy(ref_params))
+  # The caller's params are not donated.
+  assert np.isfinite(np.asarray(jax.tree.leaves(tiny_params)[0])).all()
+
+
+@pytest.mark.parametrize("mesh_config", [MeshConfig(data=2, fsdp=2, tensor=2),
+                                         MeshConfig(data=1, fsdp=8, tensor=1)])
+def test_sharded_equals_one_device(tiny_params, mesh_config):
+  examples = make_examples(12, seed=4)
+  labels = marker_labels(examples)
+  cfg = TrainConfig(learning_rate=1e-3, warmup_steps=0, num_epochs=1,
+                    batch_size=8, min_seq_len=16)
+  single = train(TINY, tiny_params, examples, labels, cfg, progress=False)
+  mesh = create_mesh(mesh_config)
+  shardings = param_shardings(jax.eval_shape(lambda: tiny_params), mesh)
+  sharded_in = shard_params(tiny_params, shardings)
+  sharded = train(TINY, sharded_in, examples, labels, cfg, mesh=mesh,
+                  progress=False)
+  np.testing.assert_allclose(sharded.losses, single.losses, rtol=1e-6)
+  # Adam's first steps are ~lr * sign(grad): a grad near 0 can turn a 1e-7
+  # reduction-order difference into ~1e-7..1e-6; a wrong sharding is ~lr=1e-3.
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=0,
+                                                       atol=2e-6),
+               to_numpy(sharded.params), to_numpy(single.params))
+  # The result is placed like the input.
+  jax.tree.map(lambda out, want: out.sharding.is_equivalent_to(want, out.ndim)
+               or pytest.fail(f"{out.sharding} != {want}"),
+               sharded.params, shardings)
+  assert any(len(leaf.sharding.device_set) == 8
+             for leaf in jax.tree.leaves(sharded.params))
+
+
+RUN_SCRIPT = textwrap.dedent("""
+    import json, os, signal, sys
+    import jax
+    import numpy as np
+    sys.path.insert(0, {tests!r})
+    from test_training import TINY, make_examples, marker_labels
+    from icm_jax.model import init_params
+    from icm_jax.training import TrainConfig, train
+
+    workdir, kill_at, out = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+    examples = make_examples(20, seed=5)
+    cfg = TrainConfig(learning_rate=3e-3, warmup_steps=2, num_epochs=2,
+                      batch_size=5, grad_accum_steps=1, checkpoint_every=2,
+                      keep_checkpoints=2, min_seq_len=16)
+
+    def callback(step, record):
+      if step == kill_at:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    result = train(TINY, init_params(TINY, jax.random.key(0)), examples,
+                   marker_labels(examples), cfg, workdir=workdir,
+                   metrics_callback=callback, progress=False)
+    leaves = jax.tree_util.tree_leaves_with_path(result.params)
+    np.savez(out, **{{jax.tree_util.keystr(p): np.asarray(x)
+                      for p, x in leaves}})
+    print(json.dumps({{"start_step": result.start_step,
+                       "steps": result.steps}}))
+""")
+
+
+def read_jsonl(path):
+  with open(path) as f:
+    return [json.loads(line) for line in f]
+
+
+def test_resume_after_kill_is_bit_equal(tmp_path):
+  script = tmp_path / "run.py"
+  script.write_text(RUN_SCRIPT.format(tests=os.path.dirname(__file__)))
+  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="")
+
+  def start(name, kill_at):
+    return subprocess.Popen(
+        [sys.executable, str(script), str(tmp_path / name), str(kill_at),
+         str(tmp_path / f"{name}.npz")],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+  # 8 steps, checkpoints every 2; one run is killed at step 5.
+  whole, killed = start("whole", -1), start("killed", 5)
+  out, err = killed.communicate(timeout=300)
+  assert killed.returncode == -9, err[-3000:]
+  assert not (tmp_path / "killed.npz").exists()
+  resumed = start("killed", -1)
+  out, err = resumed.communicate(timeout=300)
+  assert resumed.returncode == 0, err[-3000:]
+  info = json.loads(out.strip().splitlines()[-1])
+  assert info["steps"] == 8 and info["start_step"] in (2, 4)
+  out, err = whole.communicate(timeout=300)
+  assert whole.returncode == 0, err[-3000:]
+  assert json.loads(out.strip().splitlines()[-1])["start_step"] == 0
+
+  a, b = np.load(tmp_path / "whole.npz"), np.load(tmp_path / "killed.npz")
+  assert sorted(a.files) == sorted(b.files)
+  for name in a.files:
+    np.testing.assert_array_equal(a[name], b[name], err_msg=name)
+  whole_log = read_jsonl(tmp_path / "whole" / "train_metrics.jsonl")
+  resumed_log = read_jsonl(tmp_path / "killed" / "train_metrics.jsonl")
+  assert [r["step"] for r in resumed_log] == list(range(1, 9))
+  assert [r["loss"] for r in resumed_log] == [r["loss"] for r in whole_log]
+  assert os.listdir(tmp_path / "killed" / "checkpoints") != []
+
+
+def test_finished_run_is_not_retrained_and_changed_run_is_refused(
+    tiny_params, tmp_path):
+  examples = make_examples(6, seed=6)
+  labels = marker_labels(examples)
+  cfg = TrainConfig(learning_rate=1e-3, warmup_steps=0, num_epochs=1,
+                    batch_size=2, checkpoint_every=0, min_seq_len=16)
+  first = train(TINY, tiny_params, examples, labels, cfg, workdir=str(tmp_path),
+                progress=False)
+  assert first.steps == 3 and first.start_step == 0
+  assert os.listdir(tmp_path / "checkpoints") == ["3"]  # only the final step
+
+  # Logging/checkpoint cadence may change; the finished run is returned.
+  again = train(TINY, tiny_params, examples, labels,
+                TrainConfig(**{**cfg.to_dict(), "log_every": 1}),
+                workdir=str(tmp_path), progress=False)
+  assert again.start_step == 3 and len(again.losses) == 0
+  jax.tree.map(np.testing.assert_array_equal, to_numpy(again.params),
+               to_numpy(first.params))
+
+  changed_lr = TrainConfig(**{**cfg.to_dict(), "learning_rate": 2e-3})
+  with pytest.raises(ValueError, match="learning_rate"):
+    train(TINY, tiny_params, examples, labels, changed_lr,
+          workdir=str(tmp_path), progress=False)
+  with pytest.raises(ValueError, match="labels_sha256"):
+    train(TINY, tiny_params, examples, 1 - labels, cfg, workdir=str(tmp_path),
+          progress=False)
+  with pytest.raises(ValueError, match="num_examples"):
+    train(TINY, tiny_params, make_examples(8, seed=6), np.zeros(8, int), cfg,
+          workdir=str(tmp_path), progress=False)
+
+
+def test_bfloat16_compute_keeps_float32_master_weights(tiny_params):
+  examples = make_examples(8, seed=7)
+  labels = marker_labels(examples)
+  cfg = TrainConfig(learning_rate=1e-3, warmup_steps=0, num_epochs=1,
+                    batch_size=4, compute_dtype="bfloat16", remat=True,
+                    min_seq_len=16)
+  result = train(TINY, tiny_params, examples, labels, cfg, progress=False)
+  first_rows = np.random.default_rng([0, 0]).permutation(8)[:4]
+  float32_loss = np.mean([float(reference_loss(tiny_params, examples.prompts[i],
+                                               int(labels[i])))
+                          for i in first_rows])
+  np.testing.assert_allclose(result.losses[0], float32_loss, rtol=2e-2)
+  assert np.isfinite(result.losses).all()
+  for before, after in zip(jax.tree.leaves(to_numpy(tiny_params)),
+                           jax.tree.leaves(to_numpy(result.params))):
+    assert after.dtype == np.float32
+    assert not np.array_equal(before, after)
+
+
+def test_bad_labels_and_prompts_name_the_example(tiny_params):
+  examples = make_examples(6, seed=8)
+  cfg = TrainConfig(batch_size=2, min_seq_len=16)
+  for bad in (-1, 2):
+    labels = np.zeros(6, int)
+    labels[3] = bad
+    with pytest.raises(ValueError, match=r"example 'ex3' has label"):
+      train(TINY, tiny_params, examples, labels, cfg, progress=False)
+  with pytest.raises(ValueError, match="one per example"):
+    train(TINY, tiny_params, examples, np.zeros(5, int), cfg, progress=False)
+  long = make_examples(6, seed=8, lengths=(4, 33))
+  with pytest.raises(ValueError, match=r"example 'ex1' is 33 tokens.*"
+                     "max_position_embeddings=32"):
+    train(TINY, tiny_params, long, np.zeros(6, int), cfg, progress=False)
+  # header + prompt counts: 30 + 3 > 32.
+  headed = make_examples(6, seed=8, header=[1] * 30, lengths=(2, 3))
+  with pytest.raises(ValueError, match=r"example 'ex1' is 33 tokens"):
+    train(TINY, tiny_params, headed, np.zeros(6, int), cfg, progress=False)
+  # Rows per micro-batch must split over data*fsdp.
+  mesh = create_mesh(MeshConfig(data=2, fsdp=2, tensor=2))
+  with pytest.raises(ValueError, match="train.batch_size"):
+    train(TINY, tiny_params, examples, np.zeros(6, int),
+          TrainConfig(batch_size=4, grad_accum_steps=2), mesh=mesh,
+          progress=False)
+
+
+@pytest.mark.parametrize("key, value", [
+    ("learning_rate", -1.0), ("learning_rate", float("nan")),
+    ("warmup_steps", -1), ("num_epochs", 0), ("batch_size", 0),
+    ("grad_accum_steps", 0), ("weight_decay", -0.1), ("adam_b1", 1.0),
+    ("adam_b2", -0.5), ("max_grad_norm", -1.0), ("compute_dtype", "fp8"),
+    ("end_learning_rate_fraction", 1.5), ("min_seq_len", 0),
+    ("checkpoint_every", -1), ("keep_checkpoints", 0), ("log_every", 0),
+    ("seed", 1.5), ("remat", "yes"), ("num_epochs", True)])
+def test_bad_config_values_name_the_key(key, value):
+  with pytest.raises(ValueError, match=rf"train\.{key}\b"):
+    TrainConfig(**{key: value})
+
+
+def test_config_from_dict():
+  cfg = TrainConfig.from_dict(ml_collections.ConfigDict(
+      {"learning_rate": 2e-5, "batch_size": 8, "grad_accum_steps": 4}))
+  assert cfg == TrainConfig(learning_rate=2e-5, batch_size=8,
+                            grad_accum_steps=4)
+  assert cfg.micro_batch_size == 2
+  with pytest.raises(ValueError, match=r"train\.batch_size"):
+    TrainConfig.from_dict({"batch_size": 6, "grad_accum_steps": 4})
+  with pytest.raises(ValueError, match=r"train\.lr\b.*train\.steps"):
+    TrainConfig.from_dict({"lr": 1e-5, "steps": 3})
