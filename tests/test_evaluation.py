@@ -104,6 +104,19 @@ def test_demo_labels_change_the_prediction(params):
   assert abs(float(a[1][0] - b[1][0])) > 1e-4
 
 
+def test_one_compilation_per_shape_bucket(params):
+  from icm_jax.evaluation import prompting
+  rng = np.random.RandomState(4)
+  ex = make_examples(list(rng.randint(3, 14, 30)), seed=4)
+  kernels = prompting._compiled(CFG, None)
+  before = kernels.many_shot._cache_size()
+  # 27 queries of lengths 3..13 (one width bucket of 16), 6 batches of 5.
+  for labels in ([0, 1, 1], [1, 1, 0]):
+    label_log_probs(CFG, params, ex, range(3, 30), demos=[0, 1, 2],
+                    demo_labels=labels, batch_size=5, min_seq_len=16)
+  assert kernels.many_shot._cache_size() - before == 1
+
+
 def test_sharded_equals_unsharded(params):
   mesh = sharding.create_mesh(sharding.MeshConfig(data=2, fsdp=2, tensor=2))
   placed = sharding.shard_params(
