@@ -25,7 +25,7 @@ def get_config():
   config.search.max_iterations = 40
   config.train.batch_size = 8
   config.train.num_epochs = 1
-  config.train.warmup_steps = 1
+  config.train.warmup_steps = 0
   config.train.learning_rate = 2e-5
   config.train.checkpoint_every = 0
   config.train.export_hf = False

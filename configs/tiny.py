@@ -22,7 +22,7 @@ def get_config():
   config.search.checkpoint_every = 4
   config.train.batch_size = 4
   config.train.num_epochs = 1
-  config.train.warmup_steps = 1
+  config.train.warmup_steps = 0
   config.train.learning_rate = 1e-3
   config.train.checkpoint_every = 2
   config.eval.batch_size = 4
