@@ -41,4 +41,6 @@ def test_colab_demo_notebook_runs(tmp_path, monkeypatch):
   report = json.load(open(workdir / "report.json"))
   assert [r["method"] for r in report["results"]] == [
       "zero_shot", "many_shot_icm", "finetune_icm"]
-  assert all(r["num_examples"] == 8 for r in report["results"])
+  # The first whole question groups with at most 8 claims.
+  assert 0 < report["num_test"] <= 8
+  assert all(r["num_examples"] == report["num_test"] for r in report["results"])
