@@ -36,7 +36,8 @@ from icm_jax.sharding import (BATCH_AXES, LLAMA_RULES, MeshConfig,
                               path_to_str)
 from icm_jax.tokenization import ExampleTokens
 from icm_jax.training import data
-from icm_jax.training.checkpointing import MetricsLog, TrainCheckpoints, run_fingerprint
+from icm_jax.training.checkpointing import (MetricsLog, TrainCheckpoints,
+                                           run_fingerprint)
 from icm_jax.training.config import TrainConfig
 
 # Optimizer-state leaves the param rules do not cover: optax step counters.
@@ -179,14 +180,6 @@ def _abstract(tree, shardings=None):
       tree, shardings)
 
 
-def _global_batch(host: data.HostBatch, sharding_of) -> dict:
-  """Host arrays -> global jax.Arrays; each process builds only its shards."""
-  return {name: jax.make_array_from_callback(
-              value.shape, sharding_of(value.ndim),
-              lambda index, value=value: value[index])
-          for name, value in host.arrays().items()}
-
-
 def _place_like_input(params, input_params):
   """Moves params back to the input's shardings if it had other ones."""
   leaves = jax.tree.leaves(input_params)
@@ -198,6 +191,15 @@ def _place_like_input(params, input_params):
     return params
   return jax.device_put(params, jax.tree.map(lambda x: x.sharding,
                                              input_params))
+
+
+def _row_sharding(mesh, ndim: int) -> NamedSharding:
+  """[grad_accum_steps, micro_batch, ...] arrays: rows over ('data', 'fsdp')."""
+  return NamedSharding(mesh, P(None, BATCH_AXES, *([None] * (ndim - 2))))
+
+
+def _is_checkpoint_step(done: int, total: int, every: int) -> bool:
+  return done == total or (every > 0 and done % every == 0)
 
 
 def train(model_config: LlamaConfig, params, examples: ExampleTokens,
@@ -213,7 +215,8 @@ def train(model_config: LlamaConfig, params, examples: ExampleTokens,
     existing checkpoint of the same run is resumed (bit-equal to a run never
     interrupted), one of a different run is refused. None = no files.
   metrics_callback(step, record): called after each optimizer step (1-based)
-    with the record written to train_metrics.jsonl.
+    with the record written to train_metrics.jsonl (step, loss, accuracy,
+    learning_rate, grad_norm, seconds, tokens, examples, seq_len).
   The input params are copied, never donated, so the caller keeps them.
   """
   labels = data.check_labels(examples, labels)
@@ -240,15 +243,13 @@ def train(model_config: LlamaConfig, params, examples: ExampleTokens,
   p_shardings = param_shardings(abstract_params, mesh)
   abstract_opt = jax.eval_shape(optimizer.init, abstract_params)
   o_shardings = param_shardings(abstract_opt, mesh, OPT_STATE_RULES)
-  row_sharding = lambda ndim: NamedSharding(  # noqa: E731
-      mesh, P(None, BATCH_AXES, *([None] * (ndim - 2))))
-  batch_shardings = {"tokens": row_sharding(3), "lengths": row_sharding(2),
-                     "labels": row_sharding(2), "weights": row_sharding(2)}
-  replicated = NamedSharding(mesh, P())
+  batch_shardings = {"tokens": _row_sharding(mesh, 3)}
+  for name in ("lengths", "labels", "weights"):
+    batch_shardings[name] = _row_sharding(mesh, 2)
   step_fn = jax.jit(
       make_train_step(forward_config, optimizer, examples.label_token_sets),
       in_shardings=(p_shardings, o_shardings, batch_shardings),
-      out_shardings=(p_shardings, o_shardings, replicated),
+      out_shardings=(p_shardings, o_shardings, NamedSharding(mesh, P())),
       donate_argnums=(0, 1))
 
   checkpoints = None
@@ -289,7 +290,10 @@ def train(model_config: LlamaConfig, params, examples: ExampleTokens,
           host = data.build_batch(examples, labels, indices,
                                   config.grad_accum_steps, config.min_seq_len,
                                   max_len)
-          batch = _global_batch(host, row_sharding)
+          batch = {name: jax.make_array_from_callback(
+                       value.shape, batch_shardings[name],
+                       lambda index, value=value: value[index])
+                   for name, value in host.arrays().items()}
           params, opt_state, metrics = step_fn(params, opt_state, batch)
           metrics = jax.device_get(metrics)
           elapsed = time.perf_counter() - began
@@ -310,9 +314,8 @@ def train(model_config: LlamaConfig, params, examples: ExampleTokens,
           tokens.append(host.num_tokens)
           if metrics_log is not None:
             metrics_log.write(record)
-          if checkpoints is not None and (
-              done == total_steps or
-              (config.checkpoint_every and done % config.checkpoint_every == 0)):
+          if checkpoints is not None and _is_checkpoint_step(
+              done, total_steps, config.checkpoint_every):
             checkpoints.save(done, params, opt_state)
           if done % config.log_every == 0 or done == total_steps:
             logging.info("train step %d/%d: loss %.4f acc %.3f lr %.3g "
