@@ -331,10 +331,14 @@ def test_resume_after_kill_is_bit_equal(tmp_path):
 def test_bfloat16_compute_keeps_float32_master_weights(tiny_params):
   examples = make_examples(8, seed=7)
   labels = marker_labels(examples)
+  # min_seq_len 64 > max_position_embeddings 32: rows are padded to 32.
   cfg = TrainConfig(learning_rate=1e-3, warmup_steps=0, num_epochs=1,
                     batch_size=4, compute_dtype="bfloat16", remat=True,
-                    min_seq_len=16)
-  result = train(TINY, tiny_params, examples, labels, cfg, progress=False)
+                    min_seq_len=64)
+  records, callback = recorder()
+  result = train(TINY, tiny_params, examples, labels, cfg,
+                 metrics_callback=callback, progress=False)
+  assert [r["seq_len"] for _, r in records] == [32, 32]
   first_rows = np.random.default_rng([0, 0]).permutation(8)[:4]
   float32_loss = np.mean([float(reference_loss(tiny_params, examples.prompts[i],
                                                int(labels[i])))
