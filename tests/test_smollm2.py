@@ -67,12 +67,8 @@ def tokens(ours):
 
 
 @pytest.fixture(scope="module")
-def reference_logprobs(tokens):
-  torch = pytest.importorskip("torch")
-  from transformers import AutoModelForCausalLM
-  model = AutoModelForCausalLM.from_pretrained(
-      os.path.dirname(GGUF_PATH), gguf_file=GGUF_NAME,
-      dtype=torch.float32).eval()
+def reference_logprobs(tokens, torch_smollm2):
+  torch, model = torch_smollm2
   with torch.no_grad():
     logits = model(torch.as_tensor(tokens)).logits.float()
   return torch.log_softmax(logits, -1).numpy()
