@@ -11,7 +11,6 @@ TruthfulQA, so the number reflects the model, not the search).
 """
 
 import json
-import os
 import time
 
 from absl import app, flags, logging
