@@ -26,7 +26,7 @@ Sections:
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Optional, Tuple
+from typing import Any, Tuple
 
 import ml_collections
 from ml_collections import config_dict
@@ -233,7 +233,3 @@ def parse_config(config: ml_collections.ConfigDict) -> RunConfig:
       demo_seed=int(config.eval.demo_seed),
       progress=bool(config.log.progress),
       tensorboard=bool(config.log.tensorboard))
-
-
-def optional_path(value: str) -> Optional[str]:
-  return value or None

@@ -148,7 +148,6 @@ def test_missing_model_path_is_a_clear_error(tmp_path):
 
 
 def test_paper_configs_carry_the_paper_hyperparameters():
-  from ml_collections import config_flags  # noqa: F401
   import importlib.util
   for name in ("truthfulqa", "gsm8k", "alpaca"):
     spec = importlib.util.spec_from_file_location(

@@ -22,7 +22,9 @@ from typing import Dict, Optional
 
 import jax
 import ml_collections
+import numpy as np
 
+from icm_jax.labelling import gold_agreement
 from icm_jax.pipeline.eval_stage import run_eval_stage
 from icm_jax.pipeline.inputs import load_inputs, load_model_for_run
 from icm_jax.pipeline.label_stage import (LABEL_DIR, labels_path, read_labels,
@@ -77,10 +79,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     if name not in finetuned_cache:
       examples, labels = training_labels(source, inputs.train, icm_labels,
                                          cfg.seed)
-      with jax.set_mesh(mesh):
-        result = finetune(cfg, inputs.task, model, mesh, examples, labels,
-                          name, workdir, events)
-      finetuned_cache[name] = result.params
+      finetuned_cache[name] = finetune(cfg, inputs.task, model, mesh, examples,
+                                       labels, name, workdir, events).params
     return finetuned_cache[name]
 
   icm_labels = None
@@ -136,15 +136,14 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
 def _icm_summary(inputs, icm_labels) -> Optional[dict]:
   if icm_labels is None:
     return None
-  labelled = [(e, icm_labels.get(e.id)) for e in inputs.train]
-  labelled = [(e, l) for e, l in labelled if l is not None]
-  with_gold = [(e, l) for e, l in labelled if e.gold is not None]
+  labels = np.array([-1 if icm_labels.get(e.id) is None else icm_labels[e.id]
+                     for e in inputs.train])
+  gold = np.array([-1 if e.gold is None else e.gold for e in inputs.train])
+  labelled = labels[labels >= 0]
   return {
-      "labelled": len(labelled),
-      "true_fraction": (sum(l for _, l in labelled) / len(labelled)
-                        if labelled else None),
-      "gold_agreement": (sum(int(l == e.gold) for e, l in with_gold) /
-                         len(with_gold) if with_gold else None),
+      "labelled": int(labelled.size),
+      "true_fraction": float(labelled.mean()) if labelled.size else None,
+      "gold_agreement": gold_agreement(labels, gold),
   }
 
 

@@ -151,10 +151,6 @@ def load_model_for_run(cfg: RunConfig, mesh) -> Model:
   return Model(config, params, tokenizer, description)
 
 
-def example_ids(examples: Sequence[Example]) -> List[str]:
-  return [e.id for e in examples]
-
-
 def gold_of(examples: Sequence[Example]) -> Optional[List[int]]:
   """Gold labels, or None when any example lacks one."""
   if any(e.gold is None for e in examples):

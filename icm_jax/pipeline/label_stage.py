@@ -16,7 +16,7 @@ from typing import Dict, Optional
 import numpy as np
 
 from icm_jax.labelling import model_scorer_factory, run_icm
-from icm_jax.pipeline.inputs import Inputs, Model, example_tokens
+from icm_jax.pipeline.inputs import Inputs, Model
 from icm_jax.run_config import RunConfig
 from icm_jax.search import split_into_batches
 from icm_jax.search.consistency import UNLABELLED

@@ -26,10 +26,11 @@ from typing import Callable, Optional, Sequence
 
 import numpy as np
 
+from icm_jax.metrics_log import MetricsLog
 from icm_jax.search import state as state_lib
 from icm_jax.search.config import SearchConfig
 from icm_jax.search.consistency import UNLABELLED, Consistency
-from icm_jax.search.outputs import MetricsLog, write_labels
+from icm_jax.search.outputs import write_labels
 from icm_jax.search.state import Evaluation, SearchState
 
 log = logging.getLogger(__name__)
@@ -239,7 +240,7 @@ class ICMSearch:
     metrics = None
     if workdir:
       metrics = MetricsLog(os.path.join(workdir, METRICS_FILE),
-                           resume_iteration=None if st is None else st.iteration)
+                           resume=None if st is None else st.iteration)
     if st is not None:
       log.info("resuming the search from %s at iteration %d", path,
                st.iteration)

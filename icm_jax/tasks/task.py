@@ -23,7 +23,7 @@ import logging
 import string
 from typing import Mapping, Optional, Sequence
 
-from icm_jax.tasks.records import (DataError, Example, get_field, group_value,
+from icm_jax.tasks.records import (DataError, Example, group_value,
                                    parse_label, record_error, text_field)
 
 CONSISTENCY_KINDS = ("none", "keyed", "comparative")

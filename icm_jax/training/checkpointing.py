@@ -127,34 +127,3 @@ class TrainCheckpoints:
   def close(self) -> None:
     self.manager.wait_until_finished()
     self.manager.close()
-
-
-class MetricsLog:
-  """train_metrics.jsonl: one JSON line per step; process 0 writes it."""
-
-  def __init__(self, workdir: str, resume_step: int):
-    self._file = None
-    if jax.process_index() != 0:
-      return
-    path = os.path.join(workdir, METRICS_FILE)
-    kept = []
-    if os.path.exists(path):
-      with open(path) as f:
-        for line in f:
-          if line.strip() and json.loads(line)["step"] <= resume_step:
-            kept.append(line if line.endswith("\n") else line + "\n")
-    fd, tmp = tempfile.mkstemp(dir=workdir, prefix=".tmp_", suffix=".jsonl")
-    with os.fdopen(fd, "w") as f:
-      f.writelines(kept)
-    os.replace(tmp, path)
-    self._file = open(path, "a")
-
-  def write(self, record: dict) -> None:
-    if self._file is not None:
-      self._file.write(json.dumps(record) + "\n")
-      self._file.flush()
-
-  def close(self) -> None:
-    if self._file is not None:
-      self._file.close()
-      self._file = None

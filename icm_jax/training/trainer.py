@@ -18,6 +18,7 @@ LLAMA_RULES, batch rows over ('data', 'fsdp').
 from __future__ import annotations
 
 import dataclasses
+import os
 import time
 from typing import Any, Callable, Optional
 
@@ -36,7 +37,9 @@ from icm_jax.sharding import (BATCH_AXES, LLAMA_RULES, MeshConfig,
                               path_to_str)
 from icm_jax.tokenization import ExampleTokens
 from icm_jax.training import data
-from icm_jax.training.checkpointing import (MetricsLog, TrainCheckpoints,
+from icm_jax.metrics_log import MetricsLog
+from icm_jax.scoring.common import label_log_probs as word_log_probs
+from icm_jax.training.checkpointing import (METRICS_FILE, TrainCheckpoints,
                                            run_fingerprint)
 from icm_jax.training.config import TrainConfig
 
@@ -86,20 +89,9 @@ def resolve_compute_dtype(name: str) -> str:
 
 
 def label_log_probs(logits: jax.Array, token_sets) -> jax.Array:
-  """[B, 2] log P(False), log P(True) from [B, V] next-token logits.
-
-  Each is the log-sum-exp of the full-vocabulary log-softmax over that label's
-  token set (the scorer's definition).
-  """
-  width = max(len(s) for s in token_sets)
-  ids = np.zeros((2, width), np.int32)
-  valid = np.zeros((2, width), bool)
-  for k, s in enumerate(token_sets):
-    ids[k, :len(s)] = np.asarray(s, np.int32)
-    valid[k, :len(s)] = True
-  log_probs = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
-  picked = jnp.where(valid, log_probs[:, ids], -jnp.inf)  # [B, 2, K]
-  return jax.nn.logsumexp(picked, axis=-1)
+  """[B, 2] log P(False), log P(True) from [B, V] next-token logits, exactly
+  as the scorer defines them (log-sum-exp over each label's token set)."""
+  return jnp.stack(word_log_probs(logits, token_sets), axis=-1)
 
 
 def make_optimizer(config: TrainConfig, total_steps: int):
@@ -278,7 +270,10 @@ def train(model_config: LlamaConfig, params, examples: ExampleTokens,
         params = jax.device_put(params, p_shardings, may_alias=False)
         opt_state = jax.jit(optimizer.init, out_shardings=o_shardings)(params)
 
-      metrics_log = None if workdir is None else MetricsLog(workdir, start_step)
+      metrics_log = None
+      if workdir is not None and jax.process_index() == 0:
+        metrics_log = MetricsLog(os.path.join(workdir, METRICS_FILE),
+                                 resume=start_step, key="step")
       bar = tqdm(total=total_steps, initial=start_step, desc="train",
                  disable=not progress)
       try:
