@@ -31,6 +31,7 @@ from typing import Any, Tuple
 import ml_collections
 from ml_collections import config_dict
 
+from icm_jax.model.config import ATTENTION_IMPLS
 from icm_jax.scoring.scorer import ScoringConfig
 from icm_jax.search.config import SearchConfig
 from icm_jax.training.config import TrainConfig
@@ -76,6 +77,8 @@ def default_config() -> ml_collections.ConfigDict:
       dtype="auto",     # compute dtype for scoring/eval: auto = bf16 on TPU/GPU
       param_dtype="float32",
       max_context=0,    # 0 = the model's max_position_embeddings
+      # auto = Pallas splash kernel on TPU, XLA attention on CPU/GPU.
+      attention="auto",
   ))
   c.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=-1, tensor=1))
   c.scoring = _dataclass_section(ScoringConfig)
@@ -204,6 +207,9 @@ def parse_config(config: ml_collections.ConfigDict) -> RunConfig:
     raise ConfigError(f"model.param_dtype={model.param_dtype!r} not in "
                       f"{MODEL_DTYPES}")
   _positive_int(model.max_context, "model.max_context", allow_zero=True)
+  if model.attention not in ATTENTION_IMPLS:
+    raise ConfigError(f"model.attention={model.attention!r} not in "
+                      f"{ATTENTION_IMPLS}")
   mesh = _as_dict(config.mesh)
   try:
     from icm_jax.sharding import MeshConfig

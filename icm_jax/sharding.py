@@ -39,10 +39,11 @@ import numpy as np
 from icm_jax.model.config import LlamaConfig
 from icm_jax.model.llama import (KVCache, forward, init_params, key_path_names,
                                  param_shapes)
+# The axis names are the model's: its shard_mapped TPU attention kernel splits
+# the batch over BATCH_AXES (both data-parallel axes) and heads over HEAD_AXIS.
+from icm_jax.model.splash_attention import BATCH_AXES, HEAD_AXIS
 
-AXES: Tuple[str, str, str] = ("data", "fsdp", "tensor")
-# Activations' batch dim is split over both data-parallel axes.
-BATCH_AXES: Tuple[str, str] = ("data", "fsdp")
+AXES: Tuple[str, str, str] = (*BATCH_AXES, HEAD_AXIS)
 
 PyTree = Any
 # (regex searched in the '/'-joined param path, spec with one entry per dim).

@@ -129,6 +129,7 @@ def test_eval_stage_alone_reuses_labels_and_finetuned_models(tiny_run,
     ("--config.search.alpha=-3", "search.alpha"),
     ("--config.stages=label,fly", "stages"),
     ("--config.train.learning_rate=-1", "train.learning_rate"),
+    ("--config.model.attention=flash", "model.attention"),
 ])
 def test_bad_config_values_exit_naming_the_key(override, key, tmp_path):
   proc = _main("--config=configs/tiny.py", f"--workdir={tmp_path}", override)

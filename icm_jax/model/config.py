@@ -5,11 +5,13 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Mapping, Optional
 
+import jax
 import jax.numpy as jnp
 
 # HF architectures we can load: every one of these is the plain Llama decoder
 # (RMSNorm, rotary, SwiGLU, GQA, no biases).
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM",)
+ATTENTION_IMPLS = ("auto", "xla", "splash", "splash_interpret")
 
 _DTYPES = {
     "float32": jnp.float32,
@@ -67,6 +69,10 @@ class LlamaConfig:
   # Query-block size of causal attention (0 = one dense block). Blocks skip
   # key blocks in their future: fewer FLOPs on long sequences on CPU/GPU.
   attention_block_size: int = 256
+  # Attention kernel: "xla" (jnp; the CPU/GPU path), "splash" (Pallas TPU
+  # splash kernel), "splash_interpret" (the same kernel interpreted: tests on
+  # CPU, slow) or "auto" (splash on TPU, xla elsewhere; see `resolved_attention`).
+  attention: str = "auto"
 
   def __post_init__(self):
     positive = ("vocab_size", "hidden_size", "intermediate_size", "num_layers",
@@ -83,6 +89,9 @@ class LlamaConfig:
     if not isinstance(self.attention_block_size, int) or self.attention_block_size < 0:
       raise ValueError("LlamaConfig.attention_block_size must be an int >= 0, "
                        f"got {self.attention_block_size!r}")
+    if self.attention not in ATTENTION_IMPLS:
+      raise ValueError(f"LlamaConfig.attention={self.attention!r} not in "
+                       f"{ATTENTION_IMPLS}")
     if self.rms_norm_eps <= 0 or self.rope_theta <= 0:
       raise ValueError("LlamaConfig.rms_norm_eps and rope_theta must be > 0")
     dtype_from_name(self.dtype)
@@ -95,6 +104,18 @@ class LlamaConfig:
   @property
   def params_dtype(self) -> jnp.dtype:
     return dtype_from_name(self.param_dtype)
+
+  def resolved_attention(self, platform: Optional[str] = None) -> str:
+    """The kernel "auto" means on `platform` (default: jax's default backend).
+
+    Pass the target platform when compiling for devices other than the
+    local ones (ahead-of-time compilation for a TPU topology from a CPU host).
+    """
+    if self.attention != "auto":
+      return self.attention
+    if platform is None:
+      platform = jax.default_backend()
+    return "splash" if platform == "tpu" else "xla"
 
   def replace(self, **changes) -> "LlamaConfig":
     return dataclasses.replace(self, **changes)

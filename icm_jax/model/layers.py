@@ -11,6 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from icm_jax.model.config import LlamaConfig, RopeScaling
+from icm_jax.model.splash_attention import splash_attention
 
 
 class RMSNorm(nn.Module):
@@ -114,13 +115,14 @@ class Attention(nn.Module):
       v = jnp.concatenate([cached_kv[1].astype(v.dtype), v], axis=1)
     out = causal_attention(q, k, v, attention_mask, scale=hd**-0.5,
                            prefix_len=k.shape[1] - length,
-                           block=cfg.attention_block_size)
+                           block=cfg.attention_block_size,
+                           impl=cfg.resolved_attention())
     out = out.reshape(batch, length, cfg.num_heads * hd)
     return _dense(cfg.hidden_size, "o_proj", cfg)(out), new_kv
 
 
 def causal_attention(q, k, v, mask, *, scale: float, prefix_len: int,
-                     block: int = 0):
+                     block: int = 0, impl: str = "xla"):
   """softmax(q k^T) v over keys [prefix | this chunk], never attending ahead.
 
   q [B, T, H, D]; k, v [B, prefix_len + T, KV, D]; mask [B, T, prefix_len + T].
@@ -129,11 +131,16 @@ def causal_attention(q, k, v, mask, *, scale: float, prefix_len: int,
   `block` > 0 split queries into blocks of `block` rows that skip the key
   blocks wholly in their future: ~half the attention FLOPs for long chunks.
   Logits and softmax are float32; GQA handled natively.
+  impl: "xla", or "splash"/"splash_interpret" for the TPU kernel, which skips
+  masked-out tiles itself.
   """
   length = q.shape[1]
   qi = jnp.arange(length)[:, None]
   ki = jnp.arange(prefix_len + length)[None, :] - prefix_len
   mask = mask & (ki <= qi)[None]
+  if impl != "xla":
+    return splash_attention(q, k, v, mask, scale=scale,
+                            interpret=impl == "splash_interpret")
   if not block or length <= block:
     return _attention(q, k, v, mask, scale)
   outs = []

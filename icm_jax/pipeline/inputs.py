@@ -120,7 +120,8 @@ def compute_dtype(name: str) -> str:
 
 def load_model_for_run(cfg: RunConfig, mesh) -> Model:
   overrides = {"dtype": compute_dtype(cfg.model.dtype),
-               "param_dtype": cfg.model.param_dtype}
+               "param_dtype": cfg.model.param_dtype,
+               "attention": cfg.model.attention}
   if cfg.model.max_context:
     overrides["max_position_embeddings"] = int(cfg.model.max_context)
   if cfg.model.random_init is not None:
