@@ -36,6 +36,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+import os
 import re
 import time
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
@@ -109,16 +110,23 @@ def get_topology(name: str, arg: str = "--topology") -> Topology:
     raise AotError(f"{arg}={name!r}: expected CHIP:AxB or CHIP:AxBxC, e.g. "
                    f"{TOPOLOGY_EXAMPLES}")
   name = name.strip()
+  # Compiling touches no chip, so several processes may load libtpu at once
+  # (libtpu otherwise takes /tmp/libtpu_lockfile for the process lifetime).
+  os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+  try:
+    import libtpu  # noqa: F401  (the compiler; the `tpu` extra installs it)
+  except ImportError:
+    raise AotError(f"{arg}={name!r}: compiling for TPU needs libtpu: "
+                   "pip install -e '.[tpu]'") from None
   try:
     from jax.experimental import topologies
     topo = topologies.get_topology_desc(platform="tpu", topology_name=name)
   except Exception as e:  # JaxRuntimeError / RuntimeError from libtpu
     message = str(e).strip().splitlines()[0] if str(e).strip() else repr(e)
-    if "libtpu" in message.lower() or "unknown backend" in message.lower() or (
-        "tpu" in message.lower() and "not" in message.lower() and
-        "found" in message.lower()):
-      raise AotError(f"{arg}={name!r}: compiling for TPU needs libtpu "
-                     f"(pip install -e '.[tpu]'): {message}") from None
+    if "lockfile" in message:
+      raise AotError(f"{arg}={name!r}: another process holds libtpu "
+                     f"({message}); set ALLOW_MULTIPLE_LIBTPU_LOAD=1 before "
+                     "JAX loads libtpu") from None
     raise AotError(f"{arg}={name!r}: not a TPU topology libtpu knows "
                    f"({message}); examples: {TOPOLOGY_EXAMPLES}") from None
   devices = tuple(topo.devices)
@@ -207,6 +215,7 @@ class Workload:
   train_lengths: Tuple[int, ...] = ()
   groups: Tuple[str, ...] = ()
   keys: Tuple[Optional[str], ...] = ()
+  consistency_kind: str = "keyed"
   description: str = ""
 
   def __post_init__(self):
@@ -310,7 +319,7 @@ def measured_workload(task_name: str, data_path: str, tokenizer_path: str,
       tuple(len(s) for s in tokens.label_token_sets),
       train_lengths=tuple(int(x) for x in lengths),
       groups=tuple(e.group for e in batch),
-      keys=tuple(e.key for e in batch),
+      keys=tuple(e.key for e in batch), consistency_kind=task.consistency,
       description=(f"{task_name} ({data_path}), tokenizer {tokenizer_path}: "
                    f"{len(batch)}-example batch mean "
                    f"{np.mean(batch_lengths):.0f} / max {max(batch_lengths)} "
@@ -503,6 +512,7 @@ class Call:
   cost: "Cost"           # analytic, per chip
   global_cost: "Cost"    # analytic, whole program (every chip's work)
   # Filled by compile_call for a later call that consumes this one's output.
+  lowered: Any = None
   compiled: Any = None
 
 
@@ -668,6 +678,10 @@ class CallReport:
   cost: "Cost"            # analytic, per chip
   device_kinds: Tuple[str, ...]
   hlo_platform: str
+  # Set when libtpu refused to compile because the program cannot fit:
+  # its message; temp_bytes is then the compiler's stated requirement (or
+  # its total, see _parse_oom) and the other sizes come from the inputs.
+  compiler_error: Optional[str] = None
 
   @property
   def total_bytes(self) -> int:
@@ -681,27 +695,95 @@ def _hlo_platform(text: str) -> str:
   return "tpu" if re.search(r"\{[0-9,]*:T\([0-9]+,128\)", text) else "other"
 
 
+_UNITS = {"": 1, "B": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30,
+          "T": 1 << 40}
+_OOM_TEMP = re.compile(r"HLO temporaries \(([0-9.]+)([KMGT]?)i?B?\)")
+_OOM_USED = re.compile(r"Used ([0-9.]+)([KMGT]?)i?B? of ([0-9.]+)([KMGT]?)i?B?"
+                       r" hbm")
+
+
+def _parse_oom(message: str) -> Optional[Tuple[str, int]]:
+  """('temp', bytes) or ('total', bytes) from a libtpu out-of-HBM error."""
+  if "RESOURCE_EXHAUSTED" not in message and "memory" not in message.lower():
+    return None
+  found = _OOM_TEMP.search(message)
+  if found:
+    return "temp", int(float(found.group(1)) * _UNITS[found.group(2)])
+  found = _OOM_USED.search(message)
+  if found:
+    return "total", int(float(found.group(1)) * _UNITS[found.group(2)])
+  return None
+
+
+def _per_chip_bytes(tree) -> int:
+  """Bytes one chip holds of abstract arrays placed by their shardings."""
+  total = 0
+  for leaf in jax.tree.leaves(tree):
+    shape = leaf.shape
+    if getattr(leaf, "sharding", None) is not None:
+      shape = leaf.sharding.shard_shape(shape)
+    total += math.prod(shape) * np.dtype(leaf.dtype).itemsize
+  return int(total)
+
+
+def _cache_sharding_guess(out_info, mesh):
+  """A DemoCache's shardings: KV heads over 'tensor' when they divide."""
+  def one(x):
+    spec = [None] * len(x.shape)
+    if len(x.shape) == 5 and x.shape[3] % mesh.shape["tensor"] == 0:
+      spec[3] = "tensor"
+    return NamedSharding(mesh, P(*spec))
+  return jax.tree.map(one, out_info)
+
+
 def compile_call(call: Call, mesh, previous: Optional[Call] = None
                  ) -> CallReport:
   """Lowers and compiles `call` for the mesh's devices; per-chip report.
 
   parallel_query takes the cache built by `previous` (parallel_cache): its
-  shapes and output shardings fill the missing argument.
+  shapes and output shardings fill the missing argument. When libtpu refuses
+  a program that cannot fit in HBM, the report carries its message (see
+  CallReport.compiler_error) instead of raising.
   """
   args = call.args
   if call.name == "parallel_query":
-    if previous is None or previous.compiled is None:
-      raise ValueError("parallel_query needs the compiled parallel_cache")
+    if previous is None or previous.lowered is None:
+      raise ValueError("parallel_query needs the lowered parallel_cache")
+    if previous.compiled is not None:
+      shards = previous.compiled.output_shardings
+    else:  # the build did not fit: assume the layout it would have had
+      shards = _cache_sharding_guess(previous.lowered.out_info, mesh)
     cache_shapes = jax.tree.map(
         lambda out, s: jax.ShapeDtypeStruct(out.shape, out.dtype, sharding=s),
-        previous.compiled.out_info, previous.compiled.output_shardings)
+        previous.lowered.out_info, shards)
     args = args[:2] + (cache_shapes,) + args[3:]
     call.args = args
+  kinds = tuple(sorted({d.device_kind for d in mesh.devices.flat}))
   with jax.set_mesh(mesh):
     began = time.perf_counter()
     lowered = call.fn.lower(*args)
+    call.lowered = lowered
     lowered_at = time.perf_counter()
-    compiled = lowered.compile()
+    try:
+      compiled = lowered.compile()
+    except Exception as e:  # JaxRuntimeError; only out-of-HBM is reported
+      oom = _parse_oom(str(e))
+      if oom is None:
+        raise
+      done = time.perf_counter()
+      what, size = oom
+      arguments = _per_chip_bytes(args)
+      outputs = _per_chip_bytes(lowered.out_info)
+      return CallReport(
+          name=call.name, description=call.description,
+          argument_bytes=arguments, output_bytes=outputs,
+          temp_bytes=size if what == "temp" else max(
+              size - arguments - outputs, 0),
+          alias_bytes=0, code_bytes=0, xla_flops=float("nan"),
+          xla_bytes=float("nan"), lower_seconds=lowered_at - began,
+          compile_seconds=done - lowered_at, cost=call.cost,
+          device_kinds=kinds, hlo_platform="tpu",
+          compiler_error=" ".join(str(e).split())[:500])
     done = time.perf_counter()
   call.compiled = compiled
   memory = compiled.memory_analysis()
@@ -709,7 +791,6 @@ def compile_call(call: Call, mesh, previous: Optional[Call] = None
   if isinstance(costs, (list, tuple)):
     costs = costs[0] if costs else {}
   costs = costs or {}
-  kinds = sorted({d.device_kind for d in mesh.devices.flat})
   return CallReport(
       name=call.name, description=call.description,
       argument_bytes=int(memory.argument_size_in_bytes),
@@ -720,7 +801,7 @@ def compile_call(call: Call, mesh, previous: Optional[Call] = None
       xla_flops=float(costs.get("flops", float("nan"))),
       xla_bytes=float(costs.get("bytes accessed", float("nan"))),
       lower_seconds=lowered_at - began, compile_seconds=done - lowered_at,
-      cost=call.cost, device_kinds=tuple(kinds),
+      cost=call.cost, device_kinds=kinds,
       hlo_platform=_hlo_platform(compiled.as_text()))
 
 
@@ -791,25 +872,38 @@ def fit_advice(report: CallReport, mesh_shape: Dict[str, int]) -> List[str]:
   return advice
 
 
+def fits(report: CallReport, limit: int) -> bool:
+  return report.compiler_error is None and report.total_bytes <= limit
+
+
+def fit_lines(reports: Sequence[CallReport], chip: Chip,
+              hbm_bytes: Optional[int] = None) -> List[str]:
+  """One verdict line per call."""
+  limit = chip.hbm_bytes if hbm_bytes is None else int(hbm_bytes)
+  return [f"{r.name}: {_gib(r.total_bytes)} of {_gib(limit)} {chip.name} "
+          f"HBM per chip -> {'fits' if fits(r, limit) else 'DOES NOT FIT'}"
+          for r in reports]
+
+
 def check_fit(reports: Sequence[CallReport], chip: Chip, mesh_shape: Dict,
               hbm_bytes: Optional[int] = None) -> List[str]:
   """Verdict lines; raises DoesNotFit (with advice) if any call is too big."""
   limit = chip.hbm_bytes if hbm_bytes is None else int(hbm_bytes)
-  lines, failures = [], []
+  failures = []
   for r in reports:
-    ok = r.total_bytes <= limit
-    lines.append(f"{r.name}: {_gib(r.total_bytes)} of {_gib(limit)} "
-                 f"{chip.name} HBM per chip -> {'fits' if ok else 'DOES NOT FIT'}")
-    if not ok:
-      failures.append(
-          f"{r.name} needs {_gib(r.total_bytes)} per chip > {_gib(limit)} "
-          f"HBM of a {chip.name} chip (arguments {_gib(r.argument_bytes)}, "
-          f"outputs {_gib(r.output_bytes)}, temporaries {_gib(r.temp_bytes)}"
-          f", aliased {_gib(r.alias_bytes)}). Suggestions: " +
-          "; ".join(fit_advice(r, mesh_shape)))
+    if fits(r, limit):
+      continue
+    refused = (f" libtpu refused to compile it ({r.compiler_error})."
+               if r.compiler_error else "")
+    failures.append(
+        f"{r.name} needs {_gib(r.total_bytes)} per chip > {_gib(limit)} "
+        f"HBM of a {chip.name} chip (arguments {_gib(r.argument_bytes)}, "
+        f"outputs {_gib(r.output_bytes)}, temporaries {_gib(r.temp_bytes)}"
+        f", aliased {_gib(r.alias_bytes)}).{refused} Suggestions: " +
+        "; ".join(fit_advice(r, mesh_shape)))
   if failures:
     raise DoesNotFit("\n".join(failures))
-  return lines
+  return fit_lines(reports, chip, hbm_bytes)
 
 
 # -----------------------------------------------------------------------------
