@@ -355,6 +355,7 @@ class ExactSharedLayout:
   slot_len: np.ndarray    # [num_seq, 2]
   num_pairs: int
   groups: int             # packed sequences per micro-batch
+  num_rows: int           # LOO rows scored
 
   @property
   def static(self) -> tuple:
@@ -396,7 +397,7 @@ def exact_shared_layout(workload: Workload, labels: np.ndarray,
   packed_len = bucket(int(padded[2].sum(axis=1).max()), scoring.min_seq_len)
   return ExactSharedLayout(_pad_candidates(labels), num_seq, full_len,
                            packed_len, full, padded[0], padded[1], padded[2],
-                           len(pairs), divisor)
+                           len(pairs), divisor, len(query_idx))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -511,9 +512,13 @@ class Call:
   args: tuple
   cost: "Cost"           # analytic, per chip
   global_cost: "Cost"    # analytic, whole program (every chip's work)
+  kv_heads: int = 0      # the model's, for advice on the tensor axis
   # Filled by compile_call for a later call that consumes this one's output.
   lowered: Any = None
   compiled: Any = None
+
+
+SCORING_MODES = ("exact", "exact_unshared", "parallel")
 
 
 def scoring_calls(model: LlamaConfig, mesh, workload: Workload,
@@ -525,6 +530,10 @@ def scoring_calls(model: LlamaConfig, mesh, workload: Workload,
   "exact_unshared" (exact, prefix_sharing=False), "parallel" (the demo cache
   build and the query call).
   """
+  bad = [m for m in modes if m not in SCORING_MODES]
+  if bad:
+    raise AotError(f"--modes: unknown mode {bad[0]!r}; choose from "
+                   f"{SCORING_MODES + ('train',)}")
   divisor = sharding.batch_divisor(mesh)
   tensor = mesh.shape["tensor"]
   n = workload.num_examples
@@ -550,9 +559,10 @@ def scoring_calls(model: LlamaConfig, mesh, workload: Workload,
       slots = [_replicated(mesh, (lay.num_seq, 2)) for _ in range(4)]
       args = (params, data, _replicated(mesh, (lay.cands, n))) + tuple(slots)
       calls.append(Call(
-          "exact", f"exact (prefix sharing): one U(D), {lay.num_pairs * 2 - 1}"
-          f"+ rows as {lay.num_seq} packed sequences of {lay.packed_len} "
-          f"tokens against an F of {lay.full_len} (real {int(lay.full[0])})",
+          "exact", f"exact (prefix sharing): one U(D), {lay.num_rows} rows "
+          f"packed two a sequence into {lay.num_seq} sequences of "
+          f"{lay.packed_len} tokens against F = all demonstrations, "
+          f"{int(lay.full[0])} tokens (bucket {lay.full_len})",
           fn, args, exact_shared_cost(model, lay, divisor, tensor),
           exact_shared_cost(model, lay, 1, 1)))
     elif mode == "exact_unshared":
@@ -570,7 +580,7 @@ def scoring_calls(model: LlamaConfig, mesh, workload: Workload,
           f"of {lay.seq_len} tokens, {chunk} per micro-batch", fn, args,
           exact_cost(model, lay, divisor, tensor),
           exact_cost(model, lay, 1, 1)))
-    elif mode == "parallel":
+    else:  # parallel
       lay = parallel_layout(workload, labels, None, scoring, divisor)
       cache_fn = jax.jit(functools.partial(
           parallel.build_demo_cache, model_config=model,
@@ -598,13 +608,10 @@ def scoring_calls(model: LlamaConfig, mesh, workload: Workload,
           f"the {lay.cache_len}-key cache", query_fn, query_args,
           parallel_query_cost(model, lay, divisor, tensor),
           parallel_query_cost(model, lay, 1, 1)))
-    else:
-      raise AotError(f"--modes: unknown mode {mode!r}; choose from "
-                     f"{SCORING_MODES + ('train',)}")
+  for call in calls:
+    call.kv_heads = model.num_kv_heads
   return calls
 
-
-SCORING_MODES = ("exact", "exact_unshared", "parallel")
 
 
 def train_call(model: LlamaConfig, mesh, workload: Workload,
@@ -654,7 +661,8 @@ def train_call(model: LlamaConfig, mesh, workload: Workload,
       fn, args,
       train_step_cost(forward_config, seq_len, train, divisor,
                       mesh.shape["tensor"], sharding_chips=mesh.size),
-      train_step_cost(forward_config, seq_len, train, 1, 1, 1))
+      train_step_cost(forward_config, seq_len, train, 1, 1, 1),
+      kv_heads=model.num_kv_heads)
 
 
 # -----------------------------------------------------------------------------
@@ -682,6 +690,7 @@ class CallReport:
   # its message; temp_bytes is then the compiler's stated requirement (or
   # its total, see _parse_oom) and the other sizes come from the inputs.
   compiler_error: Optional[str] = None
+  kv_heads: int = 0
 
   @property
   def total_bytes(self) -> int:
@@ -783,7 +792,8 @@ def compile_call(call: Call, mesh, previous: Optional[Call] = None
           xla_bytes=float("nan"), lower_seconds=lowered_at - began,
           compile_seconds=done - lowered_at, cost=call.cost,
           device_kinds=kinds, hlo_platform="tpu",
-          compiler_error=" ".join(str(e).split())[:500])
+          compiler_error=" ".join(str(e).split())[:500],
+          kv_heads=call.kv_heads)
     done = time.perf_counter()
   call.compiled = compiled
   memory = compiled.memory_analysis()
@@ -802,7 +812,7 @@ def compile_call(call: Call, mesh, previous: Optional[Call] = None
       xla_bytes=float(costs.get("bytes accessed", float("nan"))),
       lower_seconds=lowered_at - began, compile_seconds=done - lowered_at,
       cost=call.cost, device_kinds=kinds,
-      hlo_platform=_hlo_platform(compiled.as_text()))
+      hlo_platform=_hlo_platform(compiled.as_text()), kv_heads=call.kv_heads)
 
 
 def compile_calls(calls: Sequence[Call], mesh,
@@ -833,6 +843,12 @@ def fit_advice(report: CallReport, mesh_shape: Dict[str, int]) -> List[str]:
            "outputs": report.output_bytes}
   main = max(parts, key=parts.get)
   fsdp, tensor = mesh_shape.get("fsdp", 1), mesh_shape.get("tensor", 1)
+  heads = report.kv_heads
+  # A larger tensor axis helps KV caches only while it still splits KV heads.
+  more_tensor = ("shard KV heads over a larger tensor axis (--mesh "
+                 f"tensor=... > {tensor}"
+                 + (f", up to the {heads} KV heads" if heads else "") + ")"
+                 if not heads or tensor < heads else None)
   advice = []
   if main == "arguments":
     advice.append(
@@ -852,23 +868,27 @@ def fit_advice(report: CallReport, mesh_shape: Dict[str, int]) -> List[str]:
         "off, or shorter rows; more chips spread the batch further")
   elif report.name in ("exact", "exact_unshared"):
     advice.append(
-        f"temporaries ({_gib(report.temp_bytes)}/chip) dominate: the "
-        "exact-mode rows are as long as the whole batch of demonstrations "
-        "(their KV cache, [B, T, S] mask and activations); shard KV heads "
-        f"over a tensor axis (--mesh tensor=... > {tensor}), use fewer "
-        "examples per search (--config.label.batch_size / --num_examples), "
-        "or one-pass scoring (--config.scoring.mode=parallel)")
+        f"temporaries ({_gib(report.temp_bytes)}/chip) dominate: exact-mode "
+        "rows are as long as all N demonstrations together, and their KV "
+        "cache, [B, T, S] mask and activations grow with N (about "
+        "quadratically)")
+    if more_tensor:
+      advice.append(more_tensor)
+    advice.append("use fewer examples per search (--config.label.batch_size "
+                  "/ --num_examples), or one-pass scoring "
+                  "(--config.scoring.mode=parallel)")
     if report.name == "exact_unshared":
       advice.append("lower --config.scoring.rows_per_chunk (rows per "
                     "micro-batch; the minimum is the mesh's data*fsdp)")
   else:  # parallel cache / query: outputs or temporaries
     advice.append(
         f"{main} ({_gib(parts[main])}/chip) dominate: the demonstration KV "
-        "cache is one sequence replicated on every chip; shard its KV heads "
-        f"over a tensor axis (--mesh tensor=... > {tensor}), use fewer "
-        "examples per search (--config.label.batch_size / --num_examples), "
-        "or lower --config.scoring.rows_per_chunk (the minimum is the "
-        "mesh's data*fsdp)")
+        "cache is one sequence, held whole by every chip of a tensor group")
+    if more_tensor:
+      advice.append(more_tensor)
+    advice.append("use fewer examples per search (--config.label.batch_size "
+                  "/ --num_examples), or lower --config.scoring.rows_per_chunk"
+                  " (the minimum is the mesh's data*fsdp)")
   return advice
 
 
