@@ -2,6 +2,9 @@
 
 from setuptools import find_packages, setup
 
+JAX = "jax>=0.10.2,<0.11"
+TPU_JAX = "jax[tpu]>=0.10.2,<0.11"
+
 setup(
     name="icm-jax",
     version="0.1.0",
@@ -17,7 +20,7 @@ setup(
     include_package_data=True,
     package_data={"icm_jax.tasks.data.truthfulqa": ["*.json", "*.md"]},
     install_requires=[
-        "jax>=0.10.2,<0.11",
+        JAX,
         "flax>=0.12.8,<0.13",
         "optax>=0.2.8,<0.3",
         "orbax-checkpoint>=0.12.8,<0.13",
@@ -36,9 +39,17 @@ setup(
         "matplotlib>=3.8",
     ],
     extras_require={
+        # Cloud TPU VMs: jax with its matching libtpu (the same jax range as
+        # install_requires). libtpu is also the compiler that
+        # tpu_scripts/aot_check.py runs on any Linux x86-64 host.
+        "tpu": [TPU_JAX],
         # torch is only the reference implementation in tests; pin it exactly
         # so pip takes the local CPU wheel instead of a multi-GB CUDA build.
         "test": [
+            # tests/test_aot.py compiles for a TPU topology with libtpu, which
+            # ships for Linux x86-64 only (elsewhere that test skips).
+            TPU_JAX + "; platform_system == 'Linux' and "
+            "platform_machine == 'x86_64'",
             "torch==2.13.0",
             "pytest>=8",
             # Independent reader for our TensorBoard event files.

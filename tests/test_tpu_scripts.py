@@ -375,11 +375,10 @@ def test_install_copies_checkout_and_installs(fakes):
   assert (fakes.home / "icm-jax" / "setup.py").is_file()
   assert not (fakes.home / "icm-jax-src.tar.gz").exists()
 
-  # uv made the venv; pip installed the package with the pinned jax[tpu].
+  # uv made the venv; pip installed the package with its tpu extra.
   assert "--python 3.11" in fakes.uv_log.read_text()
   pip_calls = [c for c in fakes.python_calls() if c["argv"][:2] == ["-m", "pip"]]
-  assert pip_calls[-1]["argv"] == ["-m", "pip", "install", "-e", ".",
-                                   "jax[tpu]>=0.10.2,<0.11"]
+  assert pip_calls[-1]["argv"] == ["-m", "pip", "install", "-e", ".[tpu]"]
   assert pip_calls[-1]["cwd"] == str(fakes.home / "icm-jax")
   # Then the jax check, multi-host, on the installed code.
   check = fakes.python_calls()[-1]
@@ -389,11 +388,22 @@ def test_install_copies_checkout_and_installs(fakes):
   assert check["multihost"] == "1"
 
 
-def test_install_jax_pin_matches_setup_py():
+def test_install_uses_the_tpu_extra_pinned_like_jax():
   setup_py = open(os.path.join(ROOT, "setup.py")).read()
   install = open(os.path.join(SCRIPTS_DIR, "install.sh")).read()
+  assert "PACKAGE_SPEC='.[tpu]'" in install and "JAX_SPEC" not in install
   pin = [s for s in setup_py.split('"') if s.startswith("jax>=")][0]
-  assert f"'jax[tpu]{pin[len('jax'):]}'" in install
+  tpu_pin = [s for s in setup_py.split('"') if s.startswith("jax[tpu]")][0]
+  assert tpu_pin == "jax[tpu]" + pin[len("jax"):]
+  # The extras as setuptools reads them.
+  out = subprocess.run(
+      [sys.executable, "-c", "import setuptools, sys, json\n"
+       "setuptools.setup = lambda **kw: print(json.dumps(kw['extras_require']"
+       "))\nsys.argv = ['setup.py']\nexec(open('setup.py').read())"],
+      cwd=ROOT, capture_output=True, text=True, check=True).stdout
+  extras = json.loads(out)
+  assert extras["tpu"] == [tpu_pin]
+  assert any(r.startswith(tpu_pin + ";") for r in extras["test"])
 
 
 def test_install_from_repo_url(fakes, tmp_path):

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Puts icm-jax on every worker of the TPU, installs it with jax[tpu] into a
-# venv, and checks that JAX sees the TPU chips of all workers.
+# Puts icm-jax on every worker of the TPU, installs it with its `tpu` extra
+# (jax[tpu], i.e. jax with the matching libtpu) into a venv, and checks that
+# JAX sees the TPU chips of all workers.
 #
 # Usage: TPU_NAME=icm ZONE=us-west4-a tpu_scripts/install.sh
 #
@@ -22,8 +23,8 @@ if (($# > 0)); then
 fi
 require_var TPU_NAME ZONE
 PYTHON_VERSION="${PYTHON_VERSION:-3.11}"
-# The same jax pin as setup.py's install_requires.
-JAX_SPEC='jax[tpu]>=0.10.2,<0.11'
+# setup.py's `tpu` extra pins jax[tpu] to install_requires' jax range.
+PACKAGE_SPEC='.[tpu]'
 MULTIHOST="${ICM_JAX_MULTIHOST:-1}"
 repo_root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 repo="$(printf %q "$REPO_DIR")"
@@ -65,7 +66,8 @@ else
 && rm icm-jax-src.tar.gz"
 fi
 
-echo "Installing icm-jax and $JAX_SPEC into $REPO_DIR/.venv on the workers"
+echo "Installing icm-jax with its tpu extra (pip install -e '$PACKAGE_SPEC')" \
+  "into $REPO_DIR/.venv on the workers"
 setup="$(remote_cd) && export PATH=\"\$HOME/.local/bin:\$PATH\""
 setup+=" && { command -v uv > /dev/null"
 setup+=" || python3 -m pip install --user --quiet uv"
@@ -73,7 +75,7 @@ setup+=" || curl -LsSf https://astral.sh/uv/install.sh | sh; }"
 setup+=" && { [ -x .venv/bin/python ]"
 setup+=" || uv venv --seed --python $(printf %q "$PYTHON_VERSION") .venv; }"
 setup+=" && .venv/bin/python -m pip install --quiet --upgrade pip"
-setup+=" && .venv/bin/python -m pip install -e . $(printf %q "$JAX_SPEC")"
+setup+=" && .venv/bin/python -m pip install -e $(printf %q "$PACKAGE_SPEC")"
 run_on_all_workers "$setup"
 
 echo "Checking JAX on all workers (ICM_JAX_MULTIHOST=$MULTIHOST)"
