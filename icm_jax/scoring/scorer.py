@@ -21,8 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from icm_jax.model import LlamaConfig
-from icm_jax.scoring import exact, parallel
-from icm_jax.scoring.buckets import bucket
+from icm_jax.scoring import exact, layout, parallel
 from icm_jax.scoring.common import example_arrays
 from icm_jax.tokenization import ExampleTokens
 
@@ -85,7 +84,9 @@ class LOOScorer:
     self._header_len = len(examples.header)
     self._sep_len = len(examples.separator)
     self._prompt_len = examples.prompt_lengths
-    self._demo_len = self._prompt_len + 1 + self._sep_len
+    self._lengths = layout.ExampleLengths(self._header_len, self._prompt_len,
+                                          self._sep_len)
+    self._demo_len = self._lengths.demo
     divisor = 1
     self._batch_sharding_fn = None
     if mesh is not None:
@@ -197,61 +198,39 @@ class LOOScorer:
     if self.config.mode == "exact" and self.config.prefix_sharing:
       return self._score_rows_shared(labels, cand_idx, query_idx)
     num_rows = len(query_idx)
-    rows = bucket(num_rows, self.config.min_rows, self._chunk)
-    labels_b = _pad_candidates(labels)
-    cands = labels_b.shape[0]
-    cand = np.zeros(rows, np.int32)
-    query = np.zeros(rows, np.int32)
-    cand[:num_rows], query[:num_rows] = cand_idx, query_idx
-    args = (jnp.asarray(labels_b), jnp.asarray(cand), jnp.asarray(query))
+    rows = layout.row_layout(labels.shape[0], cand_idx, query_idx,
+                             min_rows=self.config.min_rows, chunk=self._chunk)
+    args = (jnp.asarray(_pad_candidates(labels, rows.candidates)),
+            jnp.asarray(rows.candidate), jnp.asarray(rows.query))
     if self.config.mode == "exact":
-      seq_len = min(bucket(self._exact_max_len(labels, cand_idx, query_idx),
-                           self.config.min_seq_len),
-                    self.model_config.max_position_embeddings)
-      self.last_shape = (cands, rows, seq_len)
+      seq_len = layout.exact_seq_len(
+          self._exact_row_lengths(labels, cand_idx, query_idx),
+          min_seq_len=self.config.min_seq_len,
+          context=self.model_config.max_position_embeddings)
+      self.last_shape = (rows.candidates, rows.rows, seq_len)
       lf, lt = self._call(self._kernel, self.params, self._data, *args,
                           seq_len=seq_len)
     else:
-      self.last_shape = (cands, rows)
+      self.last_shape = (rows.candidates, rows.rows)
       lf, lt = self._call(self._kernel, self.params, self._data, self._cache,
                           *args)
     return np.asarray(lf)[:num_rows], np.asarray(lt)[:num_rows]
 
   def _score_rows_shared(self, labels, cand_idx, query_idx):
-    self._exact_max_len(labels, cand_idx, query_idx)  # context check
-    labelled = labels >= 0
-    ends = self._header_len + np.cumsum(np.where(labelled, self._demo_len, 0),
-                                        axis=1)
-    full = ends[:, -1]                                    # len(F) per candidate
-    own = labelled[cand_idx, query_idx]
-    end = np.where(own, ends[cand_idx, query_idx], full[cand_idx])
-    start = np.where(own, end - self._demo_len[query_idx], end)
-    suffix = full[cand_idx] - end + self._prompt_len[query_idx]
-    # Pair the longest suffix with the shortest, within each candidate.
-    pairs = []
-    for c in np.unique(cand_idx):
-      rows = np.nonzero(cand_idx == c)[0]
-      rows = rows[np.argsort(start[rows], kind="stable")]
-      for k in range((len(rows) + 1) // 2):
-        other = len(rows) - 1 - k
-        pairs.append((rows[k], rows[other] if other > k else -1))
-    pairs = np.array(pairs, np.int64)
-    num_seq = bucket(len(pairs), max(1, self.config.min_rows // 2), self._groups)
-    slot = lambda values, fill: np.where(pairs >= 0, values[pairs], fill)
-    fields = [slot(cand_idx, 0), slot(query_idx, 0), slot(start, 0),
-              slot(suffix, 0)]
-    padded = [np.zeros((num_seq, 2), np.int32) for _ in fields]
-    for dst, src in zip(padded, fields):
-      dst[:len(pairs)] = src
-    full_len = bucket(int(full.max()), self.config.min_seq_len)
-    packed_len = bucket(int(padded[3].sum(axis=1).max()),
-                        self.config.min_seq_len)
-    labels_b = _pad_candidates(labels)
-    cands = labels_b.shape[0]
-    self.last_shape = (cands, num_seq, full_len, packed_len)
+    self._exact_row_lengths(labels, cand_idx, query_idx)  # context check
+    plan = layout.shared_layout(
+        self._lengths, labels, cand_idx, query_idx,
+        min_rows=self.config.min_rows, min_seq_len=self.config.min_seq_len,
+        groups=self._groups)
+    self.last_shape = (plan.candidates, plan.num_seq, plan.full_len,
+                       plan.packed_len)
+    slots = (plan.slot_candidate, plan.slot_query, plan.slot_start,
+             plan.slot_len)
     lf, lt = self._call(self._shared_kernel, self.params, self._data,
-                        jnp.asarray(labels_b), *map(jnp.asarray, padded),
-                        full_len=full_len, packed_len=packed_len)
+                        jnp.asarray(_pad_candidates(labels, plan.candidates)),
+                        *map(jnp.asarray, slots),
+                        full_len=plan.full_len, packed_len=plan.packed_len)
+    pairs = plan.pairs
     lf, lt = np.asarray(lf)[:len(pairs)], np.asarray(lt)[:len(pairs)]
     out_f = np.empty(len(query_idx), np.float32)
     out_t = np.empty(len(query_idx), np.float32)
@@ -265,11 +244,10 @@ class LOOScorer:
     with jax.set_mesh(self.mesh):
       return fn(*args, **kwargs)
 
-  def _exact_max_len(self, labels, cand_idx, query_idx) -> int:
-    demo_total = np.where(labels >= 0, self._demo_len, 0).sum(axis=1)
-    own = np.where(labels[cand_idx, query_idx] >= 0, self._demo_len[query_idx], 0)
-    lengths = (self._header_len + demo_total[cand_idx] - own +
-               self._prompt_len[query_idx])
+  def _exact_row_lengths(self, labels, cand_idx, query_idx) -> np.ndarray:
+    """Row lengths; raises naming the example if one exceeds the context."""
+    lengths = layout.exact_row_lengths(self._lengths, labels, cand_idx,
+                                       query_idx)
     worst = int(np.argmax(lengths))
     context = self.model_config.max_position_embeddings
     if lengths[worst] > context:
@@ -278,10 +256,10 @@ class LOOScorer:
           f"{lengths[worst]} tokens ({int((labels[cand_idx[worst]] >= 0).sum())}"
           f" labelled demonstrations) > model context {context}; use a smaller"
           " batch or parallel mode")
-    return int(lengths.max())
+    return lengths
 
 
-def _pad_candidates(labels: np.ndarray) -> np.ndarray:
-  """[C, N] -> [bucket(C), N], padded with copies of the first assignment."""
-  extra = bucket(labels.shape[0]) - labels.shape[0]
+def _pad_candidates(labels: np.ndarray, candidates: int) -> np.ndarray:
+  """[C, N] -> [candidates, N], padded with copies of the first assignment."""
+  extra = candidates - labels.shape[0]
   return np.concatenate([labels, np.repeat(labels[:1], extra, axis=0)])
