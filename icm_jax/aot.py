@@ -113,11 +113,10 @@ def get_topology(name: str, arg: str = "--topology") -> Topology:
   # Compiling touches no chip, so several processes may load libtpu at once
   # (libtpu otherwise takes /tmp/libtpu_lockfile for the process lifetime).
   os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
-  try:
-    import libtpu  # noqa: F401  (the compiler; the `tpu` extra installs it)
-  except ImportError:
+  import importlib.util
+  if importlib.util.find_spec("libtpu") is None:  # the `tpu` extra's compiler
     raise AotError(f"{arg}={name!r}: compiling for TPU needs libtpu: "
-                   "pip install -e '.[tpu]'") from None
+                   "pip install -e '.[tpu]'")
   try:
     from jax.experimental import topologies
     topo = topologies.get_topology_desc(platform="tpu", topology_name=name)
@@ -284,8 +283,8 @@ def synthetic_workload(num_examples: int, mean_len: int, max_len: int, *,
 
 def measured_workload(task_name: str, data_path: str, tokenizer_path: str,
                       num_examples: int, *, test_fraction: float = 0.5,
-                      seed: int = 0, split_from_test: bool = True
-                      ) -> Workload:
+                      seed: int = 0, split_from_test: bool = True,
+                      data_arg: str = "--data") -> Workload:
   """Real prompt lengths: the task's prompts tokenized as the pipeline does.
 
   The search batch is the first whole consistency groups of the train split
@@ -303,7 +302,7 @@ def measured_workload(task_name: str, data_path: str, tokenizer_path: str,
   try:
     records = load_examples(task, data_path)
   except (OSError, ValueError) as e:
-    raise AotError(f"--data={data_path!r}: {e}") from None
+    raise AotError(f"{data_arg}={data_path!r}: {e}") from None
   train = (split_by_group(records, test_fraction, seed=seed)[0]
            if split_from_test else records)
   batch = first_whole_groups(train, num_examples, "--num_examples")
@@ -325,6 +324,149 @@ def measured_workload(task_name: str, data_path: str, tokenizer_path: str,
                    f"{np.mean(batch_lengths):.0f} / max {max(batch_lengths)} "
                    f"tokens; {len(train)} train examples mean "
                    f"{lengths.mean():.0f} / max {lengths.max()}"))
+
+
+# -----------------------------------------------------------------------------
+# From a run config (main.py's ConfigDict) and command-line values
+# -----------------------------------------------------------------------------
+
+# GSM8K prompts of the ICM split in SmolLM2 tokens (mean, max over the 1484
+# train claims): the default length profile when no data file is at hand.
+GSM8K_LENGTHS = (191, 665)
+GSM8K_TRAIN_EXAMPLES = 1484
+
+
+def model_from_config(config, model: Optional[str] = None,
+                      attention: Optional[str] = None,
+                      arg: str = "--model") -> Tuple[LlamaConfig, str]:
+  """(LlamaConfig for a TPU target, display name).
+
+  model: a preset name or an HF checkpoint directory; default the config's
+  model.random_init or model.path (a directory with config.json). Compute
+  dtype "auto" means bfloat16 (the TPU choice); attention None means the
+  config's model.attention unless "auto", else splash.
+  """
+  import json
+  if model:
+    if model.strip().lower() in PRESETS:
+      cfg, label = model_preset(model, arg), model.strip().lower()
+    else:
+      path = os.path.join(model, "config.json")
+      if not os.path.isfile(path):
+        raise AotError(f"{arg}={model!r}: neither a preset "
+                       f"{sorted(PRESETS)} nor a directory with config.json")
+      with open(path) as f:
+        cfg, label = LlamaConfig.from_hf_config(json.load(f)), model
+  elif config.model.random_init is not None:
+    try:
+      cfg = LlamaConfig(**dict(config.model.random_init))
+    except (TypeError, ValueError) as e:
+      raise AotError(f"--config.model.random_init: {e}") from None
+    label = f"random {cfg.num_layers}-layer Llama (config)"
+  elif config.model.path and os.path.isfile(
+      os.path.join(config.model.path, "config.json")):
+    with open(os.path.join(config.model.path, "config.json")) as f:
+      cfg = LlamaConfig.from_hf_config(json.load(f))
+    label = config.model.path
+  else:
+    raise AotError(f"{arg}: pass a preset {sorted(PRESETS)} or an HF "
+                   "checkpoint directory (the config has no model.random_init"
+                   " and no model.path with a config.json)")
+  dtype = config.model.dtype
+  overrides = {"dtype": "bfloat16" if dtype == "auto" else dtype,
+               "param_dtype": config.model.param_dtype}
+  if config.model.max_context:
+    overrides["max_position_embeddings"] = int(config.model.max_context)
+  if attention is None:
+    attention = config.model.get("attention", "auto")
+    attention = "splash" if attention == "auto" else attention
+  return for_tpu(cfg.replace(**overrides), attention), label
+
+
+def workload_from_config(config, num_examples: int,
+                         lengths: Optional[str] = None,
+                         data: Optional[str] = None,
+                         tokenizer: Optional[str] = None,
+                         train_examples: int = GSM8K_TRAIN_EXAMPLES
+                         ) -> Workload:
+  """lengths: "measured" (tokenize the task's data), "MEAN,MAX", or None
+  (measured when a data file is known, else GSM8K_LENGTHS)."""
+  from icm_jax.tasks.bundled import BUNDLED, bundled_path
+  task = config.task.name
+  data_arg = "--data"
+  if data:
+    if not os.path.isfile(data):
+      raise AotError(f"--data={data!r}: no such file")
+  else:
+    split = "test" if config.data.split_from_test else "train"
+    if config.data[split]:
+      data, data_arg = config.data[split], f"--config.data.{split}"
+    elif (task, split) in BUNDLED:
+      data = bundled_path(task, split)
+  if lengths in (None, "measured"):
+    if data:
+      if not tokenizer:
+        tokenizer = config.model.tokenizer
+      if not tokenizer:
+        from icm_jax.checkpoints import CheckpointError, smollm2_gguf_path
+        try:
+          tokenizer = smollm2_gguf_path()
+        except CheckpointError as e:
+          raise AotError(f"--tokenizer: {e}") from None
+      return measured_workload(
+          task, data, tokenizer, num_examples,
+          test_fraction=float(config.data.test_fraction),
+          seed=int(config.seed),
+          split_from_test=bool(config.data.split_from_test),
+          data_arg=data_arg)
+    if lengths == "measured":
+      raise AotError(f"--lengths=measured: task {task!r} has no data file; "
+                     "pass --data=RECORDS or --lengths=MEAN,MAX")
+    lengths = ",".join(map(str, GSM8K_LENGTHS))
+  try:
+    mean, longest = (int(x) for x in lengths.split(","))
+  except ValueError:
+    raise AotError(f"--lengths={lengths!r}: expected 'measured' or MEAN,MAX "
+                   "(ints)") from None
+  return synthetic_workload(num_examples, mean, longest,
+                            train_examples=train_examples)
+
+
+def stage_configs(config):
+  """(ScoringConfig, SearchConfig, TrainConfig) of a run config."""
+  from icm_jax.search.config import SearchConfig
+  try:
+    scoring = ScoringConfig(**config.scoring.to_dict())
+    search = SearchConfig(**config.search.to_dict())
+    values = config.train.to_dict()
+    values.pop("export_hf", None)
+    train = TrainConfig.from_dict(values)
+  except (TypeError, ValueError) as e:
+    raise AotError(f"--config: {e}") from None
+  return scoring, search, train
+
+
+def parse_mesh(value: Optional[str], base: Any = None,
+               arg: str = "--mesh") -> Dict[str, int]:
+  """"data=D,fsdp=F,tensor=T" (any subset) over `base` (a mesh config)."""
+  sizes = dict(sharding.MeshConfig.from_any(base).sizes)
+  if value:
+    for item in value.split(","):
+      key, sep, number = item.partition("=")
+      key = key.strip()
+      if not sep or key not in sharding.AXES:
+        raise AotError(f"{arg}={value!r}: expected data=D,fsdp=F,tensor=T "
+                       f"with axes from {sharding.AXES}")
+      try:
+        sizes[key] = int(number)
+      except ValueError:
+        raise AotError(f"{arg}={value!r}: {key} size {number!r} is not an "
+                       "int") from None
+  try:
+    sharding.MeshConfig.from_any(sizes)
+  except ValueError as e:
+    raise AotError(f"{arg}={value!r}: {e}") from None
+  return sizes
 
 
 # -----------------------------------------------------------------------------
@@ -883,7 +1025,8 @@ def fit_advice(report: CallReport, mesh_shape: Dict[str, int]) -> List[str]:
   else:  # parallel cache / query: outputs or temporaries
     advice.append(
         f"{main} ({_gib(parts[main])}/chip) dominate: the demonstration KV "
-        "cache is one sequence, held whole by every chip of a tensor group")
+        "cache is one sequence, replicated over the data-parallel axes; only "
+        "the tensor axis splits it")
     if more_tensor:
       advice.append(more_tensor)
     advice.append("use fewer examples per search (--config.label.batch_size "

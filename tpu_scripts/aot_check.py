@@ -19,7 +19,6 @@ without TPUs; that is harmless here.
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 import time
@@ -70,8 +69,9 @@ _TRAIN_EXAMPLES = flags.DEFINE_integer(
     "train_examples", 1484, "Fine-tuning set size with --lengths=MEAN,MAX "
     "(1484 = the GSM8K split's train half).")
 _ATTENTION = flags.DEFINE_enum(
-    "attention", "splash", ["splash", "xla"],
-    "Attention kernel compiled for the TPU ('auto' would pick the host's).")
+    "attention", None, ["splash", "xla"],
+    "Attention kernel compiled for the TPU (default: the config's "
+    "model.attention, with 'auto' meaning splash, as on a TPU).")
 _HBM_GIB = flags.DEFINE_float(
     "hbm_gib", None, "Override the chip's HBM per chip in GiB for the fit "
     "check (e.g. to keep headroom).")
@@ -83,118 +83,6 @@ _PLAN = flags.DEFINE_bool(
     "one fine-tuning epoch) for this model, slice and mesh.")
 
 ALL_MODES = ("exact", "exact_unshared", "parallel", "train")
-
-
-def _parse_mesh(value, base) -> dict:
-  from icm_jax.sharding import AXES, MeshConfig
-  sizes = dict(MeshConfig.from_any(base).sizes)
-  if value:
-    for item in value.split(","):
-      key, sep, number = item.partition("=")
-      key = key.strip()
-      if not sep or key not in AXES:
-        raise _bad("mesh", value, f"expected data=D,fsdp=F,tensor=T with "
-                   f"axes from {AXES}")
-      try:
-        sizes[key] = int(number)
-      except ValueError:
-        raise _bad("mesh", value, f"{key} size {number!r} is not an "
-                   "int") from None
-  try:
-    MeshConfig.from_any(sizes)
-  except ValueError as e:
-    raise _bad("mesh", value, str(e)) from None
-  return sizes
-
-
-def _bad(flag, value, why):
-  from icm_jax.aot import AotError
-  return AotError(f"--{flag}={value!r}: {why}")
-
-
-def _resolve_model(config):
-  """(LlamaConfig, display name) from --model or the config's model."""
-  from icm_jax import aot
-  from icm_jax.model import LlamaConfig
-  name = _MODEL.value
-  if name:
-    if name.strip().lower() in aot.PRESETS:
-      model, label = aot.model_preset(name), name.strip().lower()
-    else:
-      path = os.path.join(name, "config.json")
-      if not os.path.isfile(path):
-        raise _bad("model", name, f"neither a preset {sorted(aot.PRESETS)} "
-                   "nor a directory with config.json")
-      with open(path) as f:
-        model, label = LlamaConfig.from_hf_config(json.load(f)), name
-  elif config.model.random_init is not None:
-    try:
-      model = LlamaConfig(**dict(config.model.random_init))
-    except (TypeError, ValueError) as e:
-      raise _bad("config.model.random_init", "...", str(e)) from None
-    label = f"random {model.num_layers}-layer Llama (config)"
-  elif config.model.path and os.path.isfile(
-      os.path.join(config.model.path, "config.json")):
-    with open(os.path.join(config.model.path, "config.json")) as f:
-      model = LlamaConfig.from_hf_config(json.load(f))
-    label = config.model.path
-  else:
-    raise _bad("model", name, f"pass a preset {sorted(aot.PRESETS)} or an "
-               "HF checkpoint directory (the config has no model.random_init "
-               "and no model.path with a config.json)")
-  dtype = config.model.dtype
-  overrides = {"dtype": "bfloat16" if dtype == "auto" else dtype,
-               "param_dtype": config.model.param_dtype}
-  if config.model.max_context:
-    overrides["max_position_embeddings"] = int(config.model.max_context)
-  model = aot.for_tpu(model.replace(**overrides), _ATTENTION.value)
-  return model, label
-
-
-def _data_path(config, task):
-  from icm_jax.tasks.bundled import BUNDLED, bundled_path
-  if _DATA.value:
-    if not os.path.isfile(_DATA.value):
-      raise _bad("data", _DATA.value, "no such file")
-    return _DATA.value
-  split = "test" if config.data.split_from_test else "train"
-  if config.data[split]:
-    return config.data[split]
-  if (task, split) in BUNDLED:
-    return bundled_path(task, split)
-  return None
-
-
-def _workload(config, n):
-  from icm_jax import aot
-  lengths = _LENGTHS.value
-  task = config.task.name
-  data = _data_path(config, task)
-  if lengths in (None, "measured"):
-    if data is not None:
-      tokenizer = _TOKENIZER.value or config.model.tokenizer
-      if not tokenizer:
-        from icm_jax.checkpoints import CheckpointError, smollm2_gguf_path
-        try:
-          tokenizer = smollm2_gguf_path()
-        except CheckpointError as e:
-          raise _bad("tokenizer", None, str(e)) from None
-      return aot.measured_workload(
-          task, data, tokenizer, n,
-          test_fraction=float(config.data.test_fraction),
-          seed=int(config.seed),
-          split_from_test=bool(config.data.split_from_test))
-    if lengths == "measured":
-      raise _bad("lengths", lengths, f"task {task!r} has no data file: pass "
-                 "--data=RECORDS or --lengths=MEAN,MAX")
-    lengths = "191,665"
-  try:
-    mean, longest = (int(x) for x in lengths.split(","))
-  except ValueError:
-    raise _bad("lengths", lengths, "expected 'measured' or MEAN,MAX "
-               "(ints)") from None
-  return aot.synthetic_workload(n, mean, longest,
-                                train_examples=_TRAIN_EXAMPLES.value)
 
 
 def _fmt_gib(n):
@@ -250,38 +138,28 @@ def main(argv):
 
 
 def _run():
-  import dataclasses
   from icm_jax import aot, roofline
-  from icm_jax.scoring.scorer import ScoringConfig
-  from icm_jax.search.config import SearchConfig
-  from icm_jax.training.config import TrainConfig
 
   config = _CONFIG.value
   modes = tuple(m.strip() for m in _MODES.value.split(",") if m.strip())
   bad = [m for m in modes if m not in ALL_MODES]
   if bad or not modes:
-    raise _bad("modes", _MODES.value, f"choose from {ALL_MODES}")
-  try:
-    scoring = ScoringConfig(**config.scoring.to_dict())
-    search = SearchConfig(**config.search.to_dict())
-    train_values = config.train.to_dict()
-    train_values.pop("export_hf", None)
-    train = TrainConfig.from_dict(train_values)
-  except (TypeError, ValueError) as e:
-    raise aot.AotError(f"--config: {e}") from None
+    raise aot.AotError(f"--modes={_MODES.value!r}: choose from {ALL_MODES}")
+  scoring, search, train = aot.stage_configs(config)
   n = _NUM_EXAMPLES.value or int(config.label.batch_size)
   if n < 2:
-    raise _bad("num_examples", n, "must be >= 2")
+    raise aot.AotError(f"--num_examples={n}: must be >= 2")
   if _HBM_GIB.value is not None and _HBM_GIB.value <= 0:
-    raise _bad("hbm_gib", _HBM_GIB.value, "must be > 0")
+    raise aot.AotError(f"--hbm_gib={_HBM_GIB.value}: must be > 0")
   topology = aot.get_topology(_TOPOLOGY.value)
-  mesh_sizes = _parse_mesh(_MESH.value, config.mesh)
+  mesh_sizes = aot.parse_mesh(_MESH.value, config.mesh)
   try:
     mesh = aot.topology_mesh(topology, mesh_sizes)
   except ValueError as e:
-    raise _bad("mesh", _MESH.value or mesh_sizes, str(e)) from None
-  model, label = _resolve_model(config)
-  workload = _workload(config, n)
+    raise aot.AotError(f"--mesh={_MESH.value or mesh_sizes!r}: {e}") from None
+  model, label = aot.model_from_config(config, _MODEL.value, _ATTENTION.value)
+  workload = aot.workload_from_config(config, n, _LENGTHS.value, _DATA.value,
+                                      _TOKENIZER.value, _TRAIN_EXAMPLES.value)
 
   chip = topology.chip
   print(f"model: {label}: {model.num_params() / 1e9:.2f}B params, "
@@ -327,8 +205,8 @@ def _run():
   if _PLAN.value:
     target = roofline.make_target(model, label, topology, mesh_sizes)
     scoring_modes = [m for m in modes if m != "train"]
-    rows, _ = roofline.plan_rows(target, workload, scoring, search,
-                                 dataclasses.replace(train), scoring_modes)
+    rows, _ = roofline.plan_rows(target, workload, scoring, search, train,
+                                 scoring_modes)
     print("\nroofline plan (a lower bound; see icm_jax/roofline.py):\n")
     print(roofline.markdown_table(rows))
   print(f"\nfit ({chip.name}, "
