@@ -281,7 +281,7 @@ def synthetic_workload(num_examples: int, mean_len: int, max_len: int, *,
                   f"{mean_len} tokens + 1 of {max_len}")
 
 
-def measured_workload(task_name: str, data_path: str, tokenizer_path: str,
+def measured_workload(task_name: str, data_path: str, tokenizer,
                       num_examples: int, *, test_fraction: float = 0.5,
                       seed: int = 0, split_from_test: bool = True,
                       data_arg: str = "--data") -> Workload:
@@ -289,6 +289,7 @@ def measured_workload(task_name: str, data_path: str, tokenizer_path: str,
 
   The search batch is the first whole consistency groups of the train split
   with at most `num_examples` examples; train_lengths is the whole split.
+  tokenizer: a tokenizer or its path (HF directory or .gguf).
   """
   from icm_jax.checkpoints import load_tokenizer
   from icm_jax.pipeline.inputs import first_whole_groups
@@ -306,7 +307,9 @@ def measured_workload(task_name: str, data_path: str, tokenizer_path: str,
   train = (split_by_group(records, test_fraction, seed=seed)[0]
            if split_from_test else records)
   batch = first_whole_groups(train, num_examples, "--num_examples")
-  tokenizer = load_tokenizer(tokenizer_path)
+  name = tokenizer if isinstance(tokenizer, str) else type(tokenizer).__name__
+  if isinstance(tokenizer, str):
+    tokenizer = load_tokenizer(tokenizer)
   words = LabelWords(task.false_word, task.true_word)
   tokens = tokenize_examples(tokenizer, [e.prompt for e in train],
                              ids=[e.id for e in train], words=words)
@@ -319,7 +322,7 @@ def measured_workload(task_name: str, data_path: str, tokenizer_path: str,
       train_lengths=tuple(int(x) for x in lengths),
       groups=tuple(e.group for e in batch),
       keys=tuple(e.key for e in batch), consistency_kind=task.consistency,
-      description=(f"{task_name} ({data_path}), tokenizer {tokenizer_path}: "
+      description=(f"{task_name} ({data_path}), tokenizer {name}: "
                    f"{len(batch)}-example batch mean "
                    f"{np.mean(batch_lengths):.0f} / max {max(batch_lengths)} "
                    f"tokens; {len(train)} train examples mean "

@@ -369,3 +369,49 @@ def test_cli_bad_arguments_exit_2_naming_them(args, match):
   result = run_cli(*args)
   assert result.returncode == 2, result.stdout + result.stderr
   assert match in result.stderr
+
+
+def test_measured_workload_is_the_pipelines_first_batch(smollm2_tokenizer):
+  from icm_jax.pipeline.inputs import first_whole_groups
+  from icm_jax.tasks import bundled_path, get_task, load_examples
+  from icm_jax.tokenization import tokenize_examples
+  path = bundled_path("truthfulqa", "train")
+  wl = aot.measured_workload("truthfulqa", path, smollm2_tokenizer, 10,
+                             split_from_test=False)
+  examples = load_examples(get_task("truthfulqa"), path)
+  batch = first_whole_groups(examples, 10, "n")
+  tokens = tokenize_examples(smollm2_tokenizer, [e.prompt for e in batch])
+  assert wl.num_examples == len(batch) <= 10
+  assert wl.prompt_lengths == tuple(tokens.prompt_lengths)
+  assert (wl.header_len, wl.sep_len) == (len(tokens.header),
+                                         len(tokens.separator))
+  assert len(wl.train_lengths) == len(examples)
+  assert wl.groups == tuple(e.group for e in batch)
+  assert wl.consistency_kind == "none"
+  with pytest.raises(aot.AotError, match=r"--data='/nonexistent'"):
+    aot.measured_workload("truthfulqa", "/nonexistent", smollm2_tokenizer, 8)
+
+
+def run_plan(*args):
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  env.pop("XLA_FLAGS", None)
+  return subprocess.run(
+      [sys.executable, os.path.join(ROOT, "tpu_scripts", "plan.py"),
+       "--config=" + os.path.join(ROOT, "configs", "tiny.py"),
+       "--lengths=20,37", "--num_examples=8", "--train_examples=16", *args],
+      capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)
+
+
+def test_plan_script():
+  result = run_plan("--target=llama-3.1-8b@v5e:2x2@data=1,fsdp=2,tensor=2",
+                    "--target=llama-3.1-70b@v5p:2x2x2@data=1,fsdp=-1,tensor=1")
+  assert result.returncode == 0, result.stdout + result.stderr
+  table = [l for l in result.stdout.splitlines() if l.startswith("| ")]
+  # Header, then per target: 2 U(D) + cache + 2 searches + epoch.
+  assert len(table) == 1 + 2 * 6
+  assert sum("llama-3.1-8b on v5e:2x2" in l for l in table) == 6
+  assert sum("v5p:2x2x2 (data=1,fsdp=8,tensor=1)" in l for l in table) == 6
+  assert "12 iterations" in result.stdout   # configs/tiny.py's search
+  assert "LOWER BOUND" in result.stdout
+  bad = run_plan("--target=llama-3.1-8b@v5e:2x2")
+  assert bad.returncode == 2 and "--target='llama-3.1-8b@v5e:2x2'" in bad.stderr
