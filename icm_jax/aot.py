@@ -48,8 +48,7 @@ import numpy as np
 
 from icm_jax import sharding
 from icm_jax.model import LlamaConfig, RopeScaling, param_shapes
-from icm_jax.scoring import exact, parallel
-from icm_jax.scoring.buckets import bucket
+from icm_jax.scoring import exact, layout, parallel
 from icm_jax.scoring.common import ExampleArrays
 from icm_jax.scoring.scorer import ScoringConfig
 from icm_jax.training import data as train_data
@@ -482,25 +481,56 @@ def chunk_rows(scoring: ScoringConfig, divisor: int) -> int:
   return -(-scoring.rows_per_chunk // divisor) * divisor
 
 
-def _pad_candidates(labels: np.ndarray) -> int:
-  return bucket(labels.shape[0])
+def _rows(labels, queries) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+  """(labels [C, N], cand_idx, query_idx) as LOOScorer.score derives them."""
+  labels = np.atleast_2d(np.asarray(labels)).astype(np.int32)
+  queries = labels >= 0 if queries is None else np.broadcast_to(
+      np.asarray(queries, bool), labels.shape)
+  cand_idx, query_idx = np.nonzero(queries)
+  return labels, cand_idx, query_idx
+
+
+def _example_lengths(workload: Workload) -> layout.ExampleLengths:
+  return layout.ExampleLengths(workload.header_len, workload.lengths,
+                               workload.sep_len)
 
 
 @dataclasses.dataclass(frozen=True)
 class ExactSharedLayout:
-  """What LOOScorer._score_rows_shared passes for (labels, queries)."""
+  """What LOOScorer passes in exact mode with prefix sharing: the scorer's
+  own plan (icm_jax.scoring.layout.shared_layout) plus what costs need."""
 
-  cands: int
-  num_seq: int
-  full_len: int
-  packed_len: int
-  full: np.ndarray        # [C] real F length per assignment
-  slot_cand: np.ndarray   # [num_seq, 2] (padding rows zero)
-  slot_start: np.ndarray  # [num_seq, 2]
-  slot_len: np.ndarray    # [num_seq, 2]
-  num_pairs: int
+  plan: layout.SharedLayout
   groups: int             # packed sequences per micro-batch
   num_rows: int           # LOO rows scored
+
+  @property
+  def cands(self) -> int:
+    return self.plan.candidates
+
+  @property
+  def num_seq(self) -> int:
+    return self.plan.num_seq
+
+  @property
+  def full_len(self) -> int:
+    return self.plan.full_len
+
+  @property
+  def packed_len(self) -> int:
+    return self.plan.packed_len
+
+  @property
+  def full(self) -> np.ndarray:
+    return self.plan.full
+
+  @property
+  def slot_start(self) -> np.ndarray:
+    return self.plan.slot_start
+
+  @property
+  def slot_len(self) -> np.ndarray:
+    return self.plan.slot_len
 
   @property
   def static(self) -> tuple:
@@ -510,44 +540,17 @@ class ExactSharedLayout:
 def exact_shared_layout(workload: Workload, labels: np.ndarray,
                         queries: Optional[np.ndarray], scoring: ScoringConfig,
                         divisor: int) -> ExactSharedLayout:
-  labels = np.atleast_2d(labels)
-  queries = labels >= 0 if queries is None else np.broadcast_to(
-      queries, labels.shape)
-  cand_idx, query_idx = np.nonzero(queries)
-  demo = workload.demo_lengths
-  prompt = workload.lengths
-  labelled = labels >= 0
-  ends = workload.header_len + np.cumsum(np.where(labelled, demo, 0), axis=1)
-  full = ends[:, -1]
-  own = labelled[cand_idx, query_idx]
-  end = np.where(own, ends[cand_idx, query_idx], full[cand_idx])
-  start = np.where(own, end - demo[query_idx], end)
-  suffix = full[cand_idx] - end + prompt[query_idx]
-  pairs = []
-  for c in np.unique(cand_idx):
-    rows = np.nonzero(cand_idx == c)[0]
-    rows = rows[np.argsort(start[rows], kind="stable")]
-    for k in range((len(rows) + 1) // 2):
-      other = len(rows) - 1 - k
-      pairs.append((rows[k], rows[other] if other > k else -1))
-  pairs = np.array(pairs, np.int64).reshape(-1, 2)
-  num_seq = bucket(len(pairs), max(1, scoring.min_rows // 2), divisor)
-  slot = lambda values: np.where(pairs >= 0, values[pairs], 0)
-  padded = []
-  for values in (cand_idx, start, suffix):
-    out = np.zeros((num_seq, 2), np.int64)
-    out[:len(pairs)] = slot(values)
-    padded.append(out)
-  full_len = bucket(int(full.max()), scoring.min_seq_len)
-  packed_len = bucket(int(padded[2].sum(axis=1).max()), scoring.min_seq_len)
-  return ExactSharedLayout(_pad_candidates(labels), num_seq, full_len,
-                           packed_len, full, padded[0], padded[1], padded[2],
-                           len(pairs), divisor, len(query_idx))
+  labels, cand_idx, query_idx = _rows(labels, queries)
+  plan = layout.shared_layout(
+      _example_lengths(workload), labels, cand_idx, query_idx,
+      min_rows=scoring.min_rows, min_seq_len=scoring.min_seq_len,
+      groups=divisor)
+  return ExactSharedLayout(plan, divisor, len(query_idx))
 
 
 @dataclasses.dataclass(frozen=True)
 class ExactLayout:
-  """What LOOScorer._score_rows passes in exact mode without sharing."""
+  """What LOOScorer passes in exact mode without sharing."""
 
   cands: int
   rows: int
@@ -563,20 +566,15 @@ class ExactLayout:
 def exact_layout(workload: Workload, labels: np.ndarray,
                  queries: Optional[np.ndarray], scoring: ScoringConfig,
                  divisor: int, max_positions: int) -> ExactLayout:
-  labels = np.atleast_2d(labels)
-  queries = labels >= 0 if queries is None else np.broadcast_to(
-      queries, labels.shape)
-  cand_idx, query_idx = np.nonzero(queries)
-  demo = workload.demo_lengths
-  demo_total = np.where(labels >= 0, demo, 0).sum(axis=1)
-  own = np.where(labels[cand_idx, query_idx] >= 0, demo[query_idx], 0)
-  lengths = (workload.header_len + demo_total[cand_idx] - own +
-             workload.lengths[query_idx])
+  labels, cand_idx, query_idx = _rows(labels, queries)
   chunk = chunk_rows(scoring, divisor)
-  rows = bucket(len(query_idx), scoring.min_rows, chunk)
-  seq_len = min(bucket(int(lengths.max()), scoring.min_seq_len),
-                max_positions)
-  return ExactLayout(_pad_candidates(labels), rows, seq_len, lengths, chunk)
+  rows = layout.row_layout(labels.shape[0], cand_idx, query_idx,
+                           min_rows=scoring.min_rows, chunk=chunk)
+  lengths = layout.exact_row_lengths(_example_lengths(workload), labels,
+                                     cand_idx, query_idx)
+  seq_len = layout.exact_seq_len(lengths, min_seq_len=scoring.min_seq_len,
+                                 context=max_positions)
+  return ExactLayout(rows.candidates, rows.rows, seq_len, lengths, chunk)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -602,23 +600,22 @@ class ParallelLayout:
 def parallel_layout(workload: Workload, labels: np.ndarray,
                     queries: Optional[np.ndarray], scoring: ScoringConfig,
                     divisor: int) -> ParallelLayout:
-  labels = np.atleast_2d(labels)
-  queries = labels >= 0 if queries is None else np.broadcast_to(
-      queries, labels.shape)
-  cand_idx, query_idx = np.nonzero(queries)
+  labels, cand_idx, query_idx = _rows(labels, queries)
   n, width, h = workload.num_examples, workload.width, workload.header_len
   tail = 1 + workload.sep_len
   chunk = chunk_rows(scoring, divisor)
-  demo = workload.demo_lengths
-  labelled_demo = np.where(labels >= 0, demo, 0).sum(axis=1)
-  own = np.where(labels[cand_idx, query_idx] >= 0, demo[query_idx], 0)
+  rows = layout.row_layout(labels.shape[0], cand_idx, query_idx,
+                           min_rows=scoring.min_rows, chunk=chunk)
+  prompts = workload.lengths[query_idx]
+  # A query sees the header and every other labelled demonstration: the
+  # exact-mode row without its own prompt.
+  visible = layout.exact_row_lengths(_example_lengths(workload), labels,
+                                     cand_idx, query_idx) - prompts
   return ParallelLayout(
-      cands=_pad_candidates(labels),
-      rows=bucket(len(query_idx), scoring.min_rows, chunk), chunk=chunk,
-      groups=divisor, width=width, end_position=h + width + tail,
+      cands=rows.candidates, rows=rows.rows, chunk=chunk, groups=divisor,
+      width=width, end_position=h + width + tail,
       cache_len=h + n * width + 2 * n * tail, num_queries=len(query_idx),
-      query_lengths=workload.lengths[query_idx],
-      visible_cache_keys=h + labelled_demo[cand_idx] - own)
+      query_lengths=prompts, visible_cache_keys=visible)
 
 
 # -----------------------------------------------------------------------------
