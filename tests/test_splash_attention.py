@@ -186,3 +186,20 @@ def test_auto_selects_splash_only_on_tpu():
   assert SPLASH.resolved_attention("tpu") == "splash_interpret"
   with pytest.raises(ValueError, match="attention='flash'"):
     CFG.replace(attention="flash")
+
+
+def test_multi_pass_precision_with_bf16_is_a_clear_error():
+  # libtpu cannot lower the kernel's bf16 matmuls at "highest" precision
+  # (checked by compiling for a v5e topology: "Bad lhs type"); say so at
+  # trace time, naming the setting, instead of failing inside the compiler.
+  q, k, v = (a.astype(jnp.bfloat16) for a in qkv(1, 8, 8, 2, 1, 8))
+  mask = jnp.asarray(np.tril(np.ones((1, 8, 8), bool)))
+  run = lambda interpret: jax.eval_shape(
+      lambda *a: splash_attention(*a, scale=0.5, interpret=interpret),
+      q, k, v, mask)
+  with jax.default_matmul_precision("highest"):
+    with pytest.raises(ValueError, match="jax_default_matmul_precision"):
+      run(False)
+    assert run(True).shape == q.shape     # the interpreter has no such limit
+  with jax.default_matmul_precision("default"):
+    assert run(False).shape == q.shape

@@ -69,6 +69,7 @@ def splash_attention(q, k, v, mask, *, scale: float, interpret: bool = False):
   if mask.shape != (batch, length, keys):
     raise ValueError(f"mask shape {mask.shape} != [B, T, S] = "
                      f"{(batch, length, keys)}")
+  _check_precision(q.dtype, interpret)
   q_pad, kv_pad = _round_up(length, _LANE), _round_up(keys, _LANE)
   # Same scaling as the XLA path: in float32, rounded once to q's dtype.
   q = (q.astype(jnp.float32) * scale).astype(q.dtype)
@@ -89,6 +90,19 @@ def splash_attention(q, k, v, mask, *, scale: float, interpret: bool = False):
     run = _shard_over(mesh, run, batch, heads, kv_heads)
   out = run(q, k, v, mask)
   return out.transpose(0, 2, 1, 3)[:, :length]
+
+
+def _check_precision(dtype, interpret: bool):
+  # Mosaic lowers the kernel's matmuls with the global default precision,
+  # read at lowering time; a multi-pass one ("highest", as float32 parity
+  # tests set) on bf16 operands fails inside libtpu with "Bad lhs type".
+  precision = jax.config.jax_default_matmul_precision
+  if (not interpret and dtype != jnp.float32 and
+      precision not in (None, "default", "bfloat16", "fastest")):
+    raise ValueError(
+        f"splash attention on TPU with {jnp.dtype(dtype).name} inputs needs "
+        f"the default matmul precision, but jax_default_matmul_precision="
+        f"{precision!r}; unset it, or use model.attention=xla")
 
 
 def _splash_batch(q, k, v, mask, *, sizes, interpret):
