@@ -24,7 +24,8 @@ import pytest
 
 pytest.importorskip("libtpu", reason="needs libtpu: pip install -e '.[tpu]'")
 
-from icm_jax import aot, roofline, sharding  # noqa: E402
+from icm_jax import aot, sharding  # noqa: E402
+from icm_jax.aot.compile import _parse_oom, _per_chip_bytes  # noqa: E402
 from icm_jax.model import LlamaConfig, init_params  # noqa: E402
 from icm_jax.scoring import LOOScorer, ScoringConfig  # noqa: E402
 from icm_jax.search.config import SearchConfig  # noqa: E402
@@ -118,9 +119,8 @@ def test_presets():
   assert not eight.tie_word_embeddings and eight.vocab_size == 128256
   assert (seventy.num_layers, seventy.num_heads, seventy.num_kv_heads) == (
       80, 64, 8)
-  if aot.has_attention_field():
-    assert aot.for_tpu(eight).attention == "splash"
-    assert aot.for_tpu(eight, "xla").attention == "xla"
+  assert aot.for_tpu(eight).attention == "splash"
+  assert aot.for_tpu(eight, "xla").attention == "xla"
 
 
 def test_compiled_for_tpu_with_consistent_memory(compiled):
@@ -136,7 +136,7 @@ def test_compiled_for_tpu_with_consistent_memory(compiled):
     assert r.total_bytes == (r.argument_bytes + r.output_bytes -
                              r.alias_bytes + r.temp_bytes + r.code_bytes)
     # XLA's layouts pad small arrays, never shrink them.
-    assert r.argument_bytes >= aot._per_chip_bytes(call.args)
+    assert r.argument_bytes >= _per_chip_bytes(call.args)
     assert r.compile_seconds > 0
     assert {d.platform for s in jax.tree.leaves(call.compiled.input_shardings)
             for d in s.device_set} == {"tpu"}
@@ -148,7 +148,7 @@ def test_compiled_for_tpu_with_consistent_memory(compiled):
   train = by_name["train"]
   assert 0 < train.alias_bytes <= min(train.argument_bytes,
                                       train.output_bytes)
-  params_and_opt = aot._per_chip_bytes(calls[-1].args[:2])
+  params_and_opt = _per_chip_bytes(calls[-1].args[:2])
   assert params_and_opt <= train.alias_bytes
   # Scoring calls alias nothing.
   assert all(r.alias_bytes == 0 for r in reports if r.name != "train")
@@ -221,14 +221,14 @@ def test_libtpu_refusal_is_a_does_not_fit_report(topology):
 
 
 def test_parse_oom_messages():
-  assert aot._parse_oom(
+  assert _parse_oom(
       "RESOURCE_EXHAUSTED: Ran out of memory on HBM, the total memory "
       "required for HLO temporaries (60.31G) exceeds available HBM (15.75G)."
   ) == ("temp", int(60.31 * (1 << 30)))
-  assert aot._parse_oom("RESOURCE_EXHAUSTED: XLA:TPU compile permanent error."
-                        " Ran out of memory in memory space hbm. Used 20.50G "
-                        "of 15.75G hbm.") == ("total", int(20.5 * (1 << 30)))
-  assert aot._parse_oom("INVALID_ARGUMENT: bad") is None
+  assert _parse_oom("RESOURCE_EXHAUSTED: XLA:TPU compile permanent error."
+                    " Ran out of memory in memory space hbm. Used 20.50G "
+                    "of 15.75G hbm.") == ("total", int(20.5 * (1 << 30)))
+  assert _parse_oom("INVALID_ARGUMENT: bad") is None
 
 
 # ----------------------------------------------------------------------------
@@ -308,16 +308,16 @@ def test_analytic_flops_equal_the_traced_program(mesh, train):
 
 def test_roofline_plan_accounts_every_search_call(topology):
   wl = workload(n=N)
-  target = roofline.make_target(TINY, "tiny", topology,
-                                dict(data=1, fsdp=-1, tensor=1))
+  target = aot.make_target(TINY, "tiny", topology,
+                           dict(data=1, fsdp=-1, tensor=1))
   search = SearchConfig(max_iterations=40)
-  calls, result = roofline.simulate_search(wl, search)
+  calls, result = aot.simulate_search(wl, search)
   predictions = [c for c in calls if c.kind == "prediction"]
   # One prediction call per iteration (+ the final scores of unlabelled).
   assert result.iterations == 40
   assert len(predictions) in (40, 41)
-  rows, facts = roofline.plan_rows(target, wl, ScoringConfig(), search,
-                                   TRAIN, recorded=(calls, result))
+  rows, facts = aot.plan_rows(target, wl, ScoringConfig(), search,
+                              TRAIN, recorded=(calls, result))
   plan = facts["exact"]
   assert plan.prediction.calls + plan.evaluation.calls == len(calls)
   assert plan.candidates >= plan.evaluation.calls
@@ -326,7 +326,7 @@ def test_roofline_plan_accounts_every_search_call(topology):
     assert led.seconds >= max(led.compute_seconds, led.memory_seconds) * (
         1 - 1e-12)
     assert led.seconds <= led.compute_seconds + led.memory_seconds
-  table = roofline.markdown_table(rows)
+  table = aot.markdown_table(rows)
   assert table.count("\n") == len(rows) + 1
   assert "roofline lower bound" in table.splitlines()[0]
   epoch = rows[-1]

@@ -138,7 +138,7 @@ def main(argv):
 
 
 def _run():
-  from icm_jax import aot, roofline
+  from icm_jax import aot
 
   config = _CONFIG.value
   modes = tuple(m.strip() for m in _MODES.value.split(",") if m.strip())
@@ -203,12 +203,12 @@ def _run():
 
   hbm = None if _HBM_GIB.value is None else int(_HBM_GIB.value * (1 << 30))
   if _PLAN.value:
-    target = roofline.make_target(model, label, topology, mesh_sizes)
+    target = aot.make_target(model, label, topology, mesh_sizes)
     scoring_modes = [m for m in modes if m != "train"]
-    rows, _ = roofline.plan_rows(target, workload, scoring, search, train,
-                                 scoring_modes)
-    print("\nroofline plan (a lower bound; see icm_jax/roofline.py):\n")
-    print(roofline.markdown_table(rows))
+    rows, _ = aot.plan_rows(target, workload, scoring, search, train,
+                            scoring_modes)
+    print("\nroofline plan (a lower bound; see icm_jax/aot/plan.py):\n")
+    print(aot.markdown_table(rows))
   print(f"\nfit ({chip.name}, "
         f"{_fmt_gib(chip.hbm_bytes if hbm is None else hbm)} HBM per chip):")
   for line in aot.fit_lines(reports, chip, hbm):

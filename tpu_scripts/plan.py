@@ -4,7 +4,7 @@
 For each target (model @ TPU slice @ mesh) prints, as one markdown table:
 one U(D) evaluation of N examples in exact and one-pass mode (and the
 one-pass demo cache), a whole ICM search of the config's iterations (the
-calls the real search loop makes, see icm_jax/roofline.py), and one epoch of
+calls the real search loop makes, see icm_jax/aot/plan.py), and one epoch of
 fine-tuning. Analytic per-chip FLOPs and HBM bytes at the shapes the scorer
 and trainer compile; no compilation (tpu_scripts/aot_check.py checks memory).
 
@@ -74,7 +74,7 @@ def main(argv):
 
 
 def _run():
-  from icm_jax import aot, roofline
+  from icm_jax import aot
 
   config = _CONFIG.value
   scoring, search, train = aot.stage_configs(config)
@@ -86,7 +86,7 @@ def _run():
   n = _NUM_EXAMPLES.value or int(config.label.batch_size)
   workload = aot.workload_from_config(config, n, _LENGTHS.value, _DATA.value,
                                       _TOKENIZER.value, _TRAIN_EXAMPLES.value)
-  recorded = roofline.simulate_search(workload, search)
+  recorded = aot.simulate_search(workload, search)
   rows, notes = [], []
   for text in _TARGETS.value:
     model_name, topology_name, mesh_text = _parse_target(text)
@@ -95,11 +95,11 @@ def _run():
     model, label = aot.model_from_config(config, model_name,
                                          arg="--target model")
     try:
-      target = roofline.make_target(model, label, topology, mesh)
+      target = aot.make_target(model, label, topology, mesh)
     except ValueError as e:
       raise aot.AotError(f"--target={text!r}: {e}") from None
-    target_rows, _ = roofline.plan_rows(target, workload, scoring, search,
-                                            train, modes, recorded=recorded)
+    target_rows, _ = aot.plan_rows(target, workload, scoring, search, train,
+                                   modes, recorded=recorded)
     rows += target_rows
     notes.append(f"{target.label}: {topology.num_chips} x {target.chip.name}"
                  f" ({target.chip.peak_flops / 1e12:.0f} TFLOP/s bf16, "
@@ -110,11 +110,11 @@ def _run():
   print(f"search: {result.iterations} iterations, {result.flips} accepted "
         f"flips, {int((result.labels >= 0).sum())}/{workload.num_examples} "
         f"labelled at the end, {len(calls)} scorer calls (stand-in model "
-        "with fixed random log-odds; see icm_jax/roofline.py)")
+        "with fixed random log-odds; see icm_jax/aot/plan.py)")
   for note in notes:
     print(note)
   print()
-  print(roofline.markdown_table(rows))
+  print(aot.markdown_table(rows))
   print("\nEvery time is a LOWER BOUND (max of compute and HBM time per call "
         "at peak, attention counted on visible (query, key) pairs only, no "
         "communication or host time).")

@@ -1,7 +1,7 @@
 """Roofline plan of a paper-scale run: how long, at best, on a given slice.
 
-Every call is priced per chip by `icm_jax.aot`'s analytic costs (the same
-static shapes the scorer and trainer would compile) as
+Every call is priced per chip by the analytic costs of icm_jax.aot.costs
+(the same static shapes the scorer and trainer would compile) as
 
     max(FLOPs / peak bf16 FLOP/s, HBM bytes / HBM bandwidth)
 
@@ -27,7 +27,14 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from icm_jax import aot
+from icm_jax.aot.costs import (Cost, exact_cost, exact_shared_cost,
+                               parallel_cache_cost, parallel_query_cost,
+                               train_step_cost)
+from icm_jax.aot.errors import AotError
+from icm_jax.aot.layouts import (exact_layout, exact_shared_layout,
+                                 parallel_layout)
+from icm_jax.aot.topology import Chip, Topology
+from icm_jax.aot.workload import Workload
 from icm_jax.model import LlamaConfig
 from icm_jax.scoring.scorer import ScoringConfig, Scores
 from icm_jax.search.config import SearchConfig
@@ -40,12 +47,12 @@ class Ledger:
   """Per-chip totals of a series of calls, each priced at its roofline."""
 
   calls: int = 0
-  cost: aot.Cost = dataclasses.field(default_factory=aot.Cost)
+  cost: Cost = dataclasses.field(default_factory=Cost)
   compute_seconds: float = 0.0
   memory_seconds: float = 0.0
   seconds: float = 0.0     # sum over calls of max(compute, memory)
 
-  def add(self, cost: aot.Cost, chip: aot.Chip, times: int = 1):
+  def add(self, cost: Cost, chip: Chip, times: int = 1):
     compute, memory = cost.seconds(chip)
     self.calls += times
     self.cost = self.cost + cost * times
@@ -69,7 +76,7 @@ class Target:
 
   model: LlamaConfig
   model_name: str
-  chip: aot.Chip
+  chip: Chip
   topology: str
   num_chips: int
   mesh: Dict[str, int]    # resolved data / fsdp / tensor sizes
@@ -89,7 +96,7 @@ class Target:
 
 
 def make_target(model: LlamaConfig, model_name: str,
-                topology: aot.Topology, mesh_config) -> Target:
+                topology: Topology, mesh_config) -> Target:
   from icm_jax.sharding import AXES, MeshConfig
   sizes = MeshConfig.from_any(mesh_config).resolve(topology.num_chips)
   return Target(model, model_name, topology.chip, topology.name,
@@ -101,37 +108,36 @@ def make_target(model: LlamaConfig, model_name: str,
 # -----------------------------------------------------------------------------
 
 
-def all_labelled(workload: aot.Workload) -> np.ndarray:
+def all_labelled(workload: Workload) -> np.ndarray:
   return (np.arange(workload.num_examples) % 2)[None].astype(np.int32)
 
 
-def call_cost(target: Target, workload: aot.Workload, scoring: ScoringConfig,
+def call_cost(target: Target, workload: Workload, scoring: ScoringConfig,
               mode: str, labels: np.ndarray,
-              queries: Optional[np.ndarray] = None) -> aot.Cost:
+              queries: Optional[np.ndarray] = None) -> Cost:
   """Per-chip cost of one scorer call with these labels and queries."""
   if mode == "exact":
-    lay = aot.exact_shared_layout(workload, labels, queries, scoring,
-                                  target.divisor)
-    return aot.exact_shared_cost(target.model, lay, target.divisor,
-                                 target.tensor)
-  if mode == "exact_unshared":
-    lay = aot.exact_layout(workload, labels, queries, scoring, target.divisor,
-                           target.model.max_position_embeddings)
-    return aot.exact_cost(target.model, lay, target.divisor, target.tensor)
-  if mode == "parallel":
-    lay = aot.parallel_layout(workload, labels, queries, scoring,
+    lay = exact_shared_layout(workload, labels, queries, scoring,
                               target.divisor)
-    return aot.parallel_query_cost(target.model, lay, target.divisor,
-                                   target.tensor)
-  raise aot.AotError(f"--modes: unknown scoring mode {mode!r}")
+    return exact_shared_cost(target.model, lay, target.divisor,
+                             target.tensor)
+  if mode == "exact_unshared":
+    lay = exact_layout(workload, labels, queries, scoring, target.divisor,
+                       target.model.max_position_embeddings)
+    return exact_cost(target.model, lay, target.divisor, target.tensor)
+  if mode == "parallel":
+    lay = parallel_layout(workload, labels, queries, scoring, target.divisor)
+    return parallel_query_cost(target.model, lay, target.divisor,
+                               target.tensor)
+  raise AotError(f"--modes: unknown scoring mode {mode!r}")
 
 
-def cache_cost(target: Target, workload: aot.Workload,
-               scoring: ScoringConfig) -> aot.Cost:
-  lay = aot.parallel_layout(workload, all_labelled(workload), None, scoring,
-                            target.divisor)
-  return aot.parallel_cache_cost(target.model, workload, lay, target.divisor,
-                                 target.tensor)
+def cache_cost(target: Target, workload: Workload,
+               scoring: ScoringConfig) -> Cost:
+  lay = parallel_layout(workload, all_labelled(workload), None, scoring,
+                        target.divisor)
+  return parallel_cache_cost(target.model, workload, lay, target.divisor,
+                             target.tensor)
 
 
 # -----------------------------------------------------------------------------
@@ -149,7 +155,7 @@ class RecordedCall:
     return "prediction" if self.queries is not None else "evaluation"
 
 
-def simulate_search(workload: aot.Workload, search: SearchConfig,
+def simulate_search(workload: Workload, search: SearchConfig,
                     seed: int = 0) -> Tuple[List[RecordedCall], object]:
   """The scorer calls of one ICM search over the workload's N examples."""
   from icm_jax.search import ICMSearch
@@ -198,13 +204,13 @@ class SearchPlan:
         self.cache)
 
 
-def search_plan(target: Target, workload: aot.Workload,
+def search_plan(target: Target, workload: Workload,
                 scoring: ScoringConfig, mode: str,
                 recorded: Sequence[RecordedCall], iterations: int,
                 labelled_at_end: int) -> SearchPlan:
   prediction, evaluation, cache = Ledger(), Ledger(), Ledger()
   candidates = 0
-  memo: Dict[tuple, aot.Cost] = {}
+  memo: Dict[tuple, Cost] = {}
   for call in recorded:
     key = (call.labels.tobytes(), call.labels.shape,
            None if call.queries is None else call.queries.tobytes())
@@ -228,7 +234,7 @@ def search_plan(target: Target, workload: aot.Workload,
 # -----------------------------------------------------------------------------
 
 
-def epoch_plan(target: Target, workload: aot.Workload, train: TrainConfig
+def epoch_plan(target: Target, workload: Workload, train: TrainConfig
                ) -> Tuple[Ledger, Dict[int, int]]:
   """One epoch over workload.train_lengths in the trainer's data order.
 
@@ -249,9 +255,9 @@ def epoch_plan(target: Target, workload: aot.Workload, train: TrainConfig
     buckets[seq_len] = buckets.get(seq_len, 0) + 1
     real = np.zeros(train.batch_size)
     real[:len(rows)] = rows
-    cost = aot.train_step_cost(model, seq_len, train, target.divisor,
-                               target.tensor, target.num_chips,
-                               real_lengths=real)
+    cost = train_step_cost(model, seq_len, train, target.divisor,
+                           target.tensor, target.num_chips,
+                           real_lengths=real)
     ledger.add(cost, target.chip)
   return ledger, buckets
 
@@ -310,7 +316,7 @@ def markdown_table(rows: Sequence[Row]) -> str:
   return "\n".join(lines)
 
 
-def plan_rows(target: Target, workload: aot.Workload, scoring: ScoringConfig,
+def plan_rows(target: Target, workload: Workload, scoring: ScoringConfig,
               search: SearchConfig, train: TrainConfig,
               modes: Sequence[str] = ("exact", "parallel"),
               recorded: Optional[Tuple[List[RecordedCall], object]] = None

@@ -1,0 +1,212 @@
+"""The calls to compile: jitted scoring kernels and the train step on abstract
+inputs (`jax.ShapeDtypeStruct`s placed on the mesh; nothing is allocated),
+each with its analytic per-chip and global cost."""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any, Callable, List, Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+from jax.sharding import NamedSharding, PartitionSpec as P
+import numpy as np
+
+from icm_jax import sharding
+from icm_jax.aot.costs import (Cost, exact_cost, exact_shared_cost,
+                               parallel_cache_cost, parallel_query_cost,
+                               train_step_cost)
+from icm_jax.aot.errors import AotError
+from icm_jax.aot.layouts import (chunk_rows, exact_layout, exact_shared_layout,
+                                 parallel_layout)
+from icm_jax.aot.workload import Workload
+from icm_jax.model import LlamaConfig, param_shapes
+from icm_jax.scoring import exact, parallel
+from icm_jax.scoring.common import ExampleArrays
+from icm_jax.scoring.scorer import ScoringConfig
+from icm_jax.training import data as train_data
+from icm_jax.training.config import TrainConfig
+
+
+def abstract_params(config: LlamaConfig, mesh) -> Any:
+  shapes = param_shapes(config)
+  shards = sharding.param_shardings(shapes, mesh)
+  return jax.tree.map(
+      lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+      shapes, shards)
+
+
+def _replicated(mesh, shape, dtype=jnp.int32) -> jax.ShapeDtypeStruct:
+  return jax.ShapeDtypeStruct(tuple(shape), dtype,
+                              sharding=NamedSharding(mesh, P()))
+
+
+def abstract_examples(workload: Workload, mesh) -> ExampleArrays:
+  n, w = workload.num_examples, workload.width
+  return ExampleArrays(
+      _replicated(mesh, (n, w)), _replicated(mesh, (n,)),
+      _replicated(mesh, (2,)), _replicated(mesh, (max(workload.sep_len, 1),)),
+      _replicated(mesh, (max(workload.header_len, 1),)))
+
+
+@dataclasses.dataclass
+class Call:
+  """One jitted function and abstract arguments, ready to lower."""
+
+  name: str
+  description: str
+  fn: Callable          # a jax.jit
+  args: tuple
+  cost: "Cost"           # analytic, per chip
+  global_cost: "Cost"    # analytic, whole program (every chip's work)
+  kv_heads: int = 0      # the model's, for advice on the tensor axis
+  # Filled by compile_call for a later call that consumes this one's output.
+  lowered: Any = None
+  compiled: Any = None
+
+
+SCORING_MODES = ("exact", "exact_unshared", "parallel")
+
+
+def scoring_calls(model: LlamaConfig, mesh, workload: Workload,
+                  scoring: ScoringConfig, modes: Sequence[str],
+                  labels: Optional[np.ndarray] = None) -> List[Call]:
+  """The kernels of one U(D) evaluation (default: all N labelled, C = 1).
+
+  modes: "exact" (exact mode with prefix sharing: the default scorer),
+  "exact_unshared" (exact, prefix_sharing=False), "parallel" (the demo cache
+  build and the query call).
+  """
+  bad = [m for m in modes if m not in SCORING_MODES]
+  if bad:
+    raise AotError(f"--modes: unknown mode {bad[0]!r}; choose from "
+                   f"{SCORING_MODES + ('train',)}")
+  divisor = sharding.batch_divisor(mesh)
+  tensor = mesh.shape["tensor"]
+  n = workload.num_examples
+  if labels is None:
+    labels = (np.arange(n) % 2)[None].astype(np.int32)
+  labels = np.atleast_2d(labels)
+  batch_fn = functools.partial(sharding.batch_sharding, mesh)
+  params = abstract_params(model, mesh)
+  data = abstract_examples(workload, mesh)
+  common = dict(model_config=model, token_sets=workload.token_sets)
+  calls = []
+  for mode in modes:
+    if mode == "exact":
+      lay = exact_shared_layout(workload, labels, None,
+                                dataclasses.replace(scoring,
+                                                    prefix_sharing=True),
+                                divisor)
+      fn = jax.jit(functools.partial(
+          exact.exact_shared_scores, full_len=lay.full_len,
+          packed_len=lay.packed_len, header_len=workload.header_len,
+          sep_len=workload.sep_len, groups=divisor,
+          batch_sharding_fn=batch_fn, **common))
+      slots = [_replicated(mesh, (lay.num_seq, 2)) for _ in range(4)]
+      args = (params, data, _replicated(mesh, (lay.cands, n))) + tuple(slots)
+      calls.append(Call(
+          "exact", f"exact (prefix sharing): one U(D), {lay.num_rows} rows "
+          f"packed two a sequence into {lay.num_seq} sequences of "
+          f"{lay.packed_len} tokens against F = all demonstrations, "
+          f"{int(lay.full[0])} tokens (bucket {lay.full_len})",
+          fn, args, exact_shared_cost(model, lay, divisor, tensor),
+          exact_shared_cost(model, lay, 1, 1)))
+    elif mode == "exact_unshared":
+      lay = exact_layout(workload, labels, None, scoring, divisor,
+                         model.max_position_embeddings)
+      chunk = chunk_rows(scoring, divisor)
+      fn = jax.jit(functools.partial(
+          exact.exact_scores, seq_len=lay.seq_len,
+          header_len=workload.header_len, sep_len=workload.sep_len,
+          rows_per_chunk=chunk, batch_sharding_fn=batch_fn, **common))
+      args = (params, data, _replicated(mesh, (lay.cands, n)),
+              _replicated(mesh, (lay.rows,)), _replicated(mesh, (lay.rows,)))
+      calls.append(Call(
+          "exact_unshared", f"exact (no sharing): one U(D), {lay.rows} rows "
+          f"of {lay.seq_len} tokens, {chunk} per micro-batch", fn, args,
+          exact_cost(model, lay, divisor, tensor),
+          exact_cost(model, lay, 1, 1)))
+    else:  # parallel
+      lay = parallel_layout(workload, labels, None, scoring, divisor)
+      cache_fn = jax.jit(functools.partial(
+          parallel.build_demo_cache, model_config=model,
+          header_len=workload.header_len, sep_len=workload.sep_len,
+          end_position=lay.end_position, rows_per_chunk=lay.chunk,
+          batch_sharding_fn=batch_fn))
+      calls.append(Call(
+          "parallel_cache", f"parallel: demo KV cache of {2 * n} (example, "
+          f"label) slots of {lay.width + 1 + workload.sep_len} tokens, "
+          f"{lay.chunk} per micro-batch -> {lay.cache_len} keys",
+          cache_fn, (params, data),
+          parallel_cache_cost(model, workload, lay, divisor, tensor),
+          parallel_cache_cost(model, workload, lay, 1, 1)))
+      query_fn = jax.jit(functools.partial(
+          parallel.parallel_scores, end_position=lay.end_position,
+          rows_per_chunk=lay.chunk, groups=divisor,
+          batch_sharding_fn=batch_fn, **common))
+      # The cache's shape (and, once compiled, its sharding) is the build's.
+      query_args = (params, data, None, _replicated(mesh, (lay.cands, n)),
+                    _replicated(mesh, (lay.rows,)),
+                    _replicated(mesh, (lay.rows,)))
+      calls.append(Call(
+          "parallel_query", f"parallel: one U(D), {lay.rows} query rows of "
+          f"{lay.width} tokens, {lay.chunk} per micro-batch, each against "
+          f"the {lay.cache_len}-key cache", query_fn, query_args,
+          parallel_query_cost(model, lay, divisor, tensor),
+          parallel_query_cost(model, lay, 1, 1)))
+  for call in calls:
+    call.kv_heads = model.num_kv_heads
+  return calls
+
+
+def train_call(model: LlamaConfig, mesh, workload: Workload,
+               train: TrainConfig, seq_len: int, num_train_examples: int,
+               compute_dtype: str = "bfloat16") -> Call:
+  """The trainer's jitted step, as `train()` builds it, on abstract inputs."""
+  from icm_jax.training.trainer import (OPT_STATE_RULES, _abstract,
+                                        _row_sharding, make_optimizer,
+                                        make_train_step, resolve_compute_dtype)
+  divisor = sharding.batch_divisor(mesh)
+  if train.micro_batch_size % divisor:
+    raise AotError(
+        f"--config.train.batch_size={train.batch_size} / grad_accum_steps="
+        f"{train.grad_accum_steps} = {train.micro_batch_size} rows per "
+        f"micro-batch must be a multiple of the mesh's data*fsdp={divisor}")
+  total_steps = train_data.num_steps(max(num_train_examples, 1),
+                                     train.num_epochs, train.batch_size)
+  dtype = (compute_dtype if train.compute_dtype == "auto"
+           else resolve_compute_dtype(train.compute_dtype))
+  forward_config = dataclasses.replace(model, dtype=dtype, remat=train.remat)
+  optimizer, _ = make_optimizer(train, total_steps)
+  shapes = param_shapes(model)
+  abstract = _abstract(shapes)
+  p_shardings = sharding.param_shardings(abstract, mesh)
+  abstract_opt = jax.eval_shape(optimizer.init, abstract)
+  o_shardings = sharding.param_shardings(abstract_opt, mesh, OPT_STATE_RULES)
+  batch_shardings = {"tokens": _row_sharding(mesh, 3)}
+  for name in ("lengths", "labels", "weights"):
+    batch_shardings[name] = _row_sharding(mesh, 2)
+  fn = jax.jit(
+      make_train_step(forward_config, optimizer, workload.token_sets),
+      in_shardings=(p_shardings, o_shardings, batch_shardings),
+      out_shardings=(p_shardings, o_shardings, NamedSharding(mesh, P())),
+      donate_argnums=(0, 1))
+  a, m = train.grad_accum_steps, train.micro_batch_size
+  batch = {"tokens": jax.ShapeDtypeStruct((a, m, seq_len), jnp.int32,
+                                          sharding=batch_shardings["tokens"])}
+  for name, dtype_ in (("lengths", jnp.int32), ("labels", jnp.int32),
+                       ("weights", jnp.float32)):
+    batch[name] = jax.ShapeDtypeStruct((a, m), dtype_,
+                                       sharding=batch_shardings[name])
+  args = (_abstract(abstract, p_shardings), _abstract(abstract_opt,
+                                                      o_shardings), batch)
+  return Call(
+      "train", f"train step: batch {train.batch_size} ({a} x {m} rows) of "
+      f"{seq_len} tokens, compute {dtype}, remat={train.remat}, AdamW",
+      fn, args,
+      train_step_cost(forward_config, seq_len, train, divisor,
+                      mesh.shape["tensor"], sharding_chips=mesh.size),
+      train_step_cost(forward_config, seq_len, train, 1, 1, 1),
+      kv_heads=model.num_kv_heads)
