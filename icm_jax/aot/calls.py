@@ -165,43 +165,23 @@ def train_call(model: LlamaConfig, mesh, workload: Workload,
                train: TrainConfig, seq_len: int, num_train_examples: int,
                compute_dtype: str = "bfloat16") -> Call:
   """The trainer's jitted step, as `train()` builds it, on abstract inputs."""
-  from icm_jax.training.trainer import (OPT_STATE_RULES, _abstract,
-                                        _row_sharding, make_optimizer,
-                                        make_train_step, resolve_compute_dtype)
-  divisor = sharding.batch_divisor(mesh)
-  if train.micro_batch_size % divisor:
-    raise AotError(
-        f"--config.train.batch_size={train.batch_size} / grad_accum_steps="
-        f"{train.grad_accum_steps} = {train.micro_batch_size} rows per "
-        f"micro-batch must be a multiple of the mesh's data*fsdp={divisor}")
+  from icm_jax.training.trainer import (resolve_compute_dtype,
+                                        sharded_train_step)
   total_steps = train_data.num_steps(max(num_train_examples, 1),
                                      train.num_epochs, train.batch_size)
   dtype = (compute_dtype if train.compute_dtype == "auto"
            else resolve_compute_dtype(train.compute_dtype))
-  forward_config = dataclasses.replace(model, dtype=dtype, remat=train.remat)
-  optimizer, _ = make_optimizer(train, total_steps)
-  shapes = param_shapes(model)
-  abstract = _abstract(shapes)
-  p_shardings = sharding.param_shardings(abstract, mesh)
-  abstract_opt = jax.eval_shape(optimizer.init, abstract)
-  o_shardings = sharding.param_shardings(abstract_opt, mesh, OPT_STATE_RULES)
-  batch_shardings = {"tokens": _row_sharding(mesh, 3)}
-  for name in ("lengths", "labels", "weights"):
-    batch_shardings[name] = _row_sharding(mesh, 2)
-  fn = jax.jit(
-      make_train_step(forward_config, optimizer, workload.token_sets),
-      in_shardings=(p_shardings, o_shardings, batch_shardings),
-      out_shardings=(p_shardings, o_shardings, NamedSharding(mesh, P())),
-      donate_argnums=(0, 1))
+  try:
+    step = sharded_train_step(model, param_shapes(model), train, total_steps,
+                              mesh, workload.token_sets, dtype)
+  except ValueError as e:
+    raise AotError(f"--config.{e}") from None
+  divisor = sharding.batch_divisor(mesh)
+  forward_config = step.forward_config
   a, m = train.grad_accum_steps, train.micro_batch_size
-  batch = {"tokens": jax.ShapeDtypeStruct((a, m, seq_len), jnp.int32,
-                                          sharding=batch_shardings["tokens"])}
-  for name, dtype_ in (("lengths", jnp.int32), ("labels", jnp.int32),
-                       ("weights", jnp.float32)):
-    batch[name] = jax.ShapeDtypeStruct((a, m), dtype_,
-                                       sharding=batch_shardings[name])
-  args = (_abstract(abstract, p_shardings), _abstract(abstract_opt,
-                                                      o_shardings), batch)
+  args = (step.abstract_params, step.abstract_opt_state,
+          step.abstract_batch(train, seq_len))
+  fn = step.fn
   return Call(
       "train", f"train step: batch {train.batch_size} ({a} x {m} rows) of "
       f"{seq_len} tokens, compute {dtype}, remat={train.remat}, AdamW",

@@ -172,6 +172,65 @@ def _abstract(tree, shardings=None):
       tree, shardings)
 
 
+BATCH_FIELDS = {"tokens": jnp.int32, "lengths": jnp.int32,
+                "labels": jnp.int32, "weights": jnp.float32}
+
+
+@dataclasses.dataclass(frozen=True)
+class ShardedTrainStep:
+  """The jitted optimizer step of `train()`, with everything it is placed by.
+
+  fn(params, opt_state, batch) -> (params, opt_state, metrics); params and
+  opt_state are donated. `abstract_*` are ShapeDtypeStructs with shardings,
+  so the step can also be lowered with no arrays at all (icm_jax.aot).
+  """
+
+  fn: Any
+  forward_config: LlamaConfig
+  optimizer: Any
+  schedule: Any
+  abstract_params: Any
+  abstract_opt_state: Any
+  batch_shardings: dict
+
+  def abstract_batch(self, config: TrainConfig, seq_len: int) -> dict:
+    """[grad_accum_steps, micro_batch(, seq_len)] batch arrays of one step."""
+    rows = (config.grad_accum_steps, config.micro_batch_size)
+    return {name: jax.ShapeDtypeStruct(
+                rows + ((seq_len,) if name == "tokens" else ()), dtype,
+                sharding=self.batch_shardings[name])
+            for name, dtype in BATCH_FIELDS.items()}
+
+
+def sharded_train_step(model_config: LlamaConfig, param_shapes, config:
+                       TrainConfig, total_steps: int, mesh, token_sets,
+                       compute_dtype: str) -> ShardedTrainStep:
+  """Builds the step for params shaped like `param_shapes` on `mesh`."""
+  divisor = batch_divisor(mesh)
+  if config.micro_batch_size % divisor:
+    raise ValueError(
+        f"train.batch_size={config.batch_size} / train.grad_accum_steps="
+        f"{config.grad_accum_steps} = {config.micro_batch_size} rows per "
+        f"micro-batch must be a multiple of the mesh's data*fsdp={divisor}")
+  forward_config = dataclasses.replace(model_config, dtype=compute_dtype,
+                                       remat=config.remat)
+  optimizer, schedule = make_optimizer(config, total_steps)
+  shapes = _abstract(param_shapes)
+  p_shardings = param_shardings(shapes, mesh)
+  opt_shapes = jax.eval_shape(optimizer.init, shapes)
+  o_shardings = param_shardings(opt_shapes, mesh, OPT_STATE_RULES)
+  batch_shardings = {name: _row_sharding(mesh, 3 if name == "tokens" else 2)
+                     for name in BATCH_FIELDS}
+  fn = jax.jit(
+      make_train_step(forward_config, optimizer, token_sets),
+      in_shardings=(p_shardings, o_shardings, batch_shardings),
+      out_shardings=(p_shardings, o_shardings, NamedSharding(mesh, P())),
+      donate_argnums=(0, 1))
+  return ShardedTrainStep(fn, forward_config, optimizer, schedule,
+                          _abstract(shapes, p_shardings),
+                          _abstract(opt_shapes, o_shardings), batch_shardings)
+
+
 def _place_like_input(params, input_params):
   """Moves params back to the input's shardings if it had other ones."""
   leaves = jax.tree.leaves(input_params)
@@ -216,33 +275,17 @@ def train(model_config: LlamaConfig, params, examples: ExampleTokens,
   data.check_lengths(examples, max_len)
   if mesh is None:
     mesh = create_mesh(MeshConfig(1, 1, 1), devices=[jax.devices()[0]])
-  divisor = batch_divisor(mesh)
-  if config.micro_batch_size % divisor:
-    raise ValueError(
-        f"train.batch_size={config.batch_size} / train.grad_accum_steps="
-        f"{config.grad_accum_steps} = {config.micro_batch_size} rows per "
-        f"micro-batch must be a multiple of the mesh's data*fsdp={divisor}")
-
   num_examples = examples.num_examples
   total_steps = data.num_steps(num_examples, config.num_epochs,
                                config.batch_size)
   compute_dtype = resolve_compute_dtype(config.compute_dtype)
-  forward_config = dataclasses.replace(model_config, dtype=compute_dtype,
-                                       remat=config.remat)
-  optimizer, schedule = make_optimizer(config, total_steps)
-
-  abstract_params = _abstract(params)
-  p_shardings = param_shardings(abstract_params, mesh)
-  abstract_opt = jax.eval_shape(optimizer.init, abstract_params)
-  o_shardings = param_shardings(abstract_opt, mesh, OPT_STATE_RULES)
-  batch_shardings = {"tokens": _row_sharding(mesh, 3)}
-  for name in ("lengths", "labels", "weights"):
-    batch_shardings[name] = _row_sharding(mesh, 2)
-  step_fn = jax.jit(
-      make_train_step(forward_config, optimizer, examples.label_token_sets),
-      in_shardings=(p_shardings, o_shardings, batch_shardings),
-      out_shardings=(p_shardings, o_shardings, NamedSharding(mesh, P())),
-      donate_argnums=(0, 1))
+  sharded = sharded_train_step(model_config, _abstract(params), config,
+                               total_steps, mesh, examples.label_token_sets,
+                               compute_dtype)
+  step_fn, schedule = sharded.fn, sharded.schedule
+  p_shardings = jax.tree.map(lambda x: x.sharding, sharded.abstract_params)
+  o_shardings = jax.tree.map(lambda x: x.sharding, sharded.abstract_opt_state)
+  batch_shardings = sharded.batch_shardings
 
   checkpoints = None
   if workdir is not None:
@@ -260,15 +303,15 @@ def train(model_config: LlamaConfig, params, examples: ExampleTokens,
           raise ValueError(f"{workdir}: latest checkpoint is step {latest}, "
                            f"but this run has only {total_steps} steps")
         params, opt_state = checkpoints.restore(
-            latest, _abstract(abstract_params, p_shardings),
-            _abstract(abstract_opt, o_shardings))
+            latest, sharded.abstract_params, sharded.abstract_opt_state)
         start_step = latest
         logging.info("train: resumed from step %d of %d in %s", latest,
                      total_steps, workdir)
       else:
         # A copy: the step donates its params, and the caller keeps theirs.
         params = jax.device_put(params, p_shardings, may_alias=False)
-        opt_state = jax.jit(optimizer.init, out_shardings=o_shardings)(params)
+        opt_state = jax.jit(sharded.optimizer.init,
+                            out_shardings=o_shardings)(params)
 
       metrics_log = None
       if workdir is not None and jax.process_index() == 0:
