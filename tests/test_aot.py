@@ -338,15 +338,19 @@ def test_roofline_plan_accounts_every_search_call(topology):
 # ----------------------------------------------------------------------------
 
 
-def run_cli(*args):
+def run_script(script, *args):
+  """tpu_scripts/<script> on configs/tiny.py with small synthetic lengths."""
   env = dict(os.environ, JAX_PLATFORMS="cpu")
   env.pop("XLA_FLAGS", None)
   return subprocess.run(
-      [sys.executable, os.path.join(ROOT, "tpu_scripts", "aot_check.py"),
+      [sys.executable, os.path.join(ROOT, "tpu_scripts", script),
        "--config=" + os.path.join(ROOT, "configs", "tiny.py"),
-       "--lengths=20,37", "--num_examples=8", "--train_examples=16",
-       "--cross_check=false", *args],
+       "--lengths=20,37", "--num_examples=8", "--train_examples=16", *args],
       capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)
+
+
+def run_cli(*args):
+  return run_script("aot_check.py", "--cross_check=false", *args)
 
 
 def test_cli_does_not_fit_exits_1_with_advice():
@@ -393,13 +397,7 @@ def test_measured_workload_is_the_pipelines_first_batch(smollm2_tokenizer):
 
 
 def run_plan(*args):
-  env = dict(os.environ, JAX_PLATFORMS="cpu")
-  env.pop("XLA_FLAGS", None)
-  return subprocess.run(
-      [sys.executable, os.path.join(ROOT, "tpu_scripts", "plan.py"),
-       "--config=" + os.path.join(ROOT, "configs", "tiny.py"),
-       "--lengths=20,37", "--num_examples=8", "--train_examples=16", *args],
-      capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)
+  return run_script("plan.py", *args)
 
 
 def test_plan_script():
