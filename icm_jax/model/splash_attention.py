@@ -73,14 +73,17 @@ def splash_attention(q, k, v, mask, *, scale: float, interpret: bool = False):
   q_pad, kv_pad = _round_up(length, _LANE), _round_up(keys, _LANE)
   # Same scaling as the XLA path: in float32, rounded once to q's dtype.
   q = (q.astype(jnp.float32) * scale).astype(q.dtype)
-  q = jnp.pad(q, ((0, 0), (0, q_pad - length), (0, 0), (0, 0)))
-  k = jnp.pad(k, ((0, 0), (0, kv_pad - keys), (0, 0), (0, 0)))
-  v = jnp.pad(v, ((0, 0), (0, kv_pad - keys), (0, 0), (0, 0)))
-  mask = jnp.pad(mask.astype(jnp.bool_),
-                 ((0, 0), (0, q_pad - length), (0, kv_pad - keys)))
-  # Padding queries see key 0: no empty softmax row, so no NaN that the
-  # backward pass could carry into dk/dv.
-  mask = mask.at[:, length:, 0].set(True)
+  mask = mask.astype(jnp.bool_)
+  if kv_pad != keys:
+    k = jnp.pad(k, ((0, 0), (0, kv_pad - keys), (0, 0), (0, 0)))
+    v = jnp.pad(v, ((0, 0), (0, kv_pad - keys), (0, 0), (0, 0)))
+    mask = jnp.pad(mask, ((0, 0), (0, 0), (0, kv_pad - keys)))
+  if q_pad != length:
+    q = jnp.pad(q, ((0, 0), (0, q_pad - length), (0, 0), (0, 0)))
+    # Padding queries see key 0: no empty softmax row, so no NaN that the
+    # backward pass could carry into dk/dv.
+    pad_rows = jnp.zeros((batch, q_pad - length, kv_pad), jnp.bool_)
+    mask = jnp.concatenate([mask, pad_rows.at[:, :, 0].set(True)], axis=1)
   # Kernel layout: heads before sequence.
   q, k, v = (a.transpose(0, 2, 1, 3) for a in (q, k, v))
   run = functools.partial(_splash_batch,
