@@ -9,14 +9,10 @@ be "True" (comparative consistency). Only a test file is released, so it is
 split by whole pair. Search settings: the paper's = SearchConfig's defaults.
 """
 
-from icm_jax.run_config import default_config
+from icm_jax.run_config import paper_config
 
 
 def get_config():
-  config = default_config()
-  config.task.name = "alpaca"
+  config = paper_config("alpaca")
   config.data.split_from_test = True
-  config.train.batch_size = 32
-  config.train.learning_rate = 1e-5
-  config.train.remat = True
   return config

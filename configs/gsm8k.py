@@ -12,14 +12,10 @@ SearchConfig's defaults (alpha=50, K=8, T0=10, T_min=0.01, beta=0.99, log
 schedule, 3000 iterations), ICM batches of 256 claims.
 """
 
-from icm_jax.run_config import default_config
+from icm_jax.run_config import paper_config
 
 
 def get_config():
-  config = default_config()
-  config.task.name = "gsm8k"
+  config = paper_config("gsm8k")
   config.data.split_from_test = True
-  config.train.batch_size = 32
-  config.train.learning_rate = 1e-5
-  config.train.remat = True
   return config

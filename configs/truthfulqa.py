@@ -9,13 +9,9 @@ beta=0.99, log schedule, 3000 iterations; ICM batches of 256 claims. Data:
 the ICM paper's TruthfulQA train/test split, bundled with the package.
 """
 
-from icm_jax.run_config import default_config
+from icm_jax.run_config import paper_config
 
 
 def get_config():
-  config = default_config()
-  config.task.name = "truthfulqa"
-  config.train.batch_size = 32
-  config.train.learning_rate = 1e-5
-  config.train.remat = True
+  config = paper_config("truthfulqa")
   return config

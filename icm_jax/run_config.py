@@ -103,6 +103,18 @@ def default_config() -> ml_collections.ConfigDict:
   return c
 
 
+def paper_config(task_name: str) -> ml_collections.ConfigDict:
+  """default_config() for one of the paper's tasks, with its fine-tuning
+  settings (Llama-3.1-8B/70B: batch 32, lr 1e-5, remat). The search settings
+  are already SearchConfig's defaults."""
+  c = default_config()
+  c.task.name = task_name
+  c.train.batch_size = 32
+  c.train.learning_rate = 1e-5
+  c.train.remat = True
+  return c
+
+
 @dataclasses.dataclass(frozen=True)
 class RunConfig:
   """Typed view of a validated ConfigDict."""

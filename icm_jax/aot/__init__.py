@@ -49,7 +49,7 @@ from icm_jax.aot.costs import (Cost, exact_cost, exact_shared_cost,
 from icm_jax.aot.errors import AotError, DoesNotFit
 from icm_jax.aot.jaxpr_flops import jaxpr_matmul_flops
 from icm_jax.aot.layouts import (ExactLayout, ExactSharedLayout,
-                                 ParallelLayout, chunk_rows, exact_layout,
+                                 ParallelLayout, exact_layout,
                                  exact_shared_layout, parallel_layout)
 from icm_jax.aot.plan import (Ledger, Row, Target, make_target,
                               markdown_table, plan_rows, simulate_search)
@@ -78,7 +78,7 @@ __all__ = [
     "model_from_config", "parse_mesh", "stage_configs",
     "workload_from_config",
     # layouts
-    "ExactLayout", "ExactSharedLayout", "ParallelLayout", "chunk_rows",
+    "ExactLayout", "ExactSharedLayout", "ParallelLayout",
     "exact_layout", "exact_shared_layout", "parallel_layout",
     # calls
     "SCORING_MODES", "Call", "abstract_examples", "abstract_params",

@@ -18,11 +18,11 @@ from icm_jax.aot.costs import (Cost, exact_cost, exact_shared_cost,
                                parallel_cache_cost, parallel_query_cost,
                                train_step_cost)
 from icm_jax.aot.errors import AotError
-from icm_jax.aot.layouts import (chunk_rows, exact_layout, exact_shared_layout,
+from icm_jax.aot.layouts import (exact_layout, exact_shared_layout,
                                  parallel_layout)
 from icm_jax.aot.workload import Workload
 from icm_jax.model import LlamaConfig, param_shapes
-from icm_jax.scoring import exact, parallel
+from icm_jax.scoring import exact, layout, parallel
 from icm_jax.scoring.common import ExampleArrays
 from icm_jax.scoring.scorer import ScoringConfig
 from icm_jax.training import data as train_data
@@ -100,23 +100,23 @@ def scoring_calls(model: LlamaConfig, mesh, workload: Workload,
                                                     prefix_sharing=True),
                                 divisor)
       fn = jax.jit(functools.partial(
-          exact.exact_shared_scores, full_len=lay.full_len,
-          packed_len=lay.packed_len, header_len=workload.header_len,
+          exact.exact_shared_scores, full_len=lay.plan.full_len,
+          packed_len=lay.plan.packed_len, header_len=workload.header_len,
           sep_len=workload.sep_len, groups=divisor,
           batch_sharding_fn=batch_fn, **common))
-      slots = [_replicated(mesh, (lay.num_seq, 2)) for _ in range(4)]
-      args = (params, data, _replicated(mesh, (lay.cands, n))) + tuple(slots)
+      slots = [_replicated(mesh, (lay.plan.num_seq, 2)) for _ in range(4)]
+      args = (params, data, _replicated(mesh, (lay.plan.candidates, n))) + tuple(slots)
       calls.append(Call(
           "exact", f"exact (prefix sharing): one U(D), {lay.num_rows} rows "
-          f"packed two a sequence into {lay.num_seq} sequences of "
-          f"{lay.packed_len} tokens against F = all demonstrations, "
-          f"{int(lay.full[0])} tokens (bucket {lay.full_len})",
+          f"packed two a sequence into {lay.plan.num_seq} sequences of "
+          f"{lay.plan.packed_len} tokens against F = all demonstrations, "
+          f"{int(lay.plan.full[0])} tokens (bucket {lay.plan.full_len})",
           fn, args, exact_shared_cost(model, lay, divisor, tensor),
           exact_shared_cost(model, lay, 1, 1)))
     elif mode == "exact_unshared":
       lay = exact_layout(workload, labels, None, scoring, divisor,
                          model.max_position_embeddings)
-      chunk = chunk_rows(scoring, divisor)
+      chunk = layout.chunk_rows(scoring.rows_per_chunk, divisor)
       fn = jax.jit(functools.partial(
           exact.exact_scores, seq_len=lay.seq_len,
           header_len=workload.header_len, sep_len=workload.sep_len,

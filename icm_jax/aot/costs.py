@@ -126,24 +126,25 @@ def _share(global_rows: int, divisor: int) -> Tuple[int, float]:
 def exact_shared_cost(cfg: LlamaConfig, lay: ExactSharedLayout, divisor: int,
                       tensor: int) -> Cost:
   """F's keys/values per assignment, then the packed suffix sequences."""
-  rows, _ = _share(lay.cands, divisor)
+  plan = lay.plan
+  rows, _ = _share(plan.candidates, divisor)
   prefix = forward_cost(
-      cfg, tokens=rows * lay.full_len, logits=0,
-      visible_pairs=rows * _causal_pairs(lay.full.max()),
-      dense_pairs=rows * lay.full_len ** 2, kv_written=rows * lay.full_len,
+      cfg, tokens=rows * plan.full_len, logits=0,
+      visible_pairs=rows * _causal_pairs(plan.full.max()),
+      dense_pairs=rows * plan.full_len ** 2, kv_written=rows * plan.full_len,
       tensor=tensor)
-  batches = lay.num_seq // lay.groups
+  batches = plan.num_seq // lay.groups
   seqs, share = _share(lay.groups, divisor)
-  real = lay.slot_len > 0
-  visible = (np.where(real, lay.slot_len * lay.slot_start, 0).sum() +
-             _causal_pairs(lay.slot_len)[real].sum())
+  real = plan.slot_len > 0
+  visible = (np.where(real, plan.slot_len * plan.slot_start, 0).sum() +
+             _causal_pairs(plan.slot_len)[real].sum())
   suffixes = forward_cost(
-      cfg, tokens=batches * seqs * lay.packed_len, logits=2 * batches * seqs,
+      cfg, tokens=batches * seqs * plan.packed_len, logits=2 * batches * seqs,
       visible_pairs=visible * share,
-      dense_pairs=batches * seqs * lay.packed_len * (lay.full_len +
-                                                     lay.packed_len),
+      dense_pairs=batches * seqs * plan.packed_len * (plan.full_len +
+                                                     plan.packed_len),
       # Each micro-batch gathers its candidates' F cache (a copy), reads it.
-      cache_keys_read=2 * batches * seqs * lay.full_len, passes=batches,
+      cache_keys_read=2 * batches * seqs * plan.full_len, passes=batches,
       tensor=tensor)
   return prefix + suffixes
 

@@ -16,18 +16,10 @@ from icm_jax.scoring import layout
 from icm_jax.scoring.scorer import ScoringConfig
 
 
-def chunk_rows(scoring: ScoringConfig, divisor: int) -> int:
-  """LOOScorer's micro-batch: rows_per_chunk rounded up to the divisor."""
-  return -(-scoring.rows_per_chunk // divisor) * divisor
-
-
 def _rows(labels, queries) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
   """(labels [C, N], cand_idx, query_idx) as LOOScorer.score derives them."""
   labels = np.atleast_2d(np.asarray(labels)).astype(np.int32)
-  queries = labels >= 0 if queries is None else np.broadcast_to(
-      np.asarray(queries, bool), labels.shape)
-  cand_idx, query_idx = np.nonzero(queries)
-  return labels, cand_idx, query_idx
+  return (labels,) + tuple(layout.scored_rows(labels, queries))
 
 
 def _example_lengths(workload: Workload) -> layout.ExampleLengths:
@@ -45,36 +37,9 @@ class ExactSharedLayout:
   num_rows: int           # LOO rows scored
 
   @property
-  def cands(self) -> int:
-    return self.plan.candidates
-
-  @property
-  def num_seq(self) -> int:
-    return self.plan.num_seq
-
-  @property
-  def full_len(self) -> int:
-    return self.plan.full_len
-
-  @property
-  def packed_len(self) -> int:
-    return self.plan.packed_len
-
-  @property
-  def full(self) -> np.ndarray:
-    return self.plan.full
-
-  @property
-  def slot_start(self) -> np.ndarray:
-    return self.plan.slot_start
-
-  @property
-  def slot_len(self) -> np.ndarray:
-    return self.plan.slot_len
-
-  @property
   def static(self) -> tuple:
-    return (self.cands, self.num_seq, self.full_len, self.packed_len)
+    p = self.plan
+    return (p.candidates, p.num_seq, p.full_len, p.packed_len)
 
 
 def exact_shared_layout(workload: Workload, labels: np.ndarray,
@@ -107,7 +72,7 @@ def exact_layout(workload: Workload, labels: np.ndarray,
                  queries: Optional[np.ndarray], scoring: ScoringConfig,
                  divisor: int, max_positions: int) -> ExactLayout:
   labels, cand_idx, query_idx = _rows(labels, queries)
-  chunk = chunk_rows(scoring, divisor)
+  chunk = layout.chunk_rows(scoring.rows_per_chunk, divisor)
   rows = layout.row_layout(labels.shape[0], cand_idx, query_idx,
                            min_rows=scoring.min_rows, chunk=chunk)
   lengths = layout.exact_row_lengths(_example_lengths(workload), labels,
@@ -141,18 +106,17 @@ def parallel_layout(workload: Workload, labels: np.ndarray,
                     queries: Optional[np.ndarray], scoring: ScoringConfig,
                     divisor: int) -> ParallelLayout:
   labels, cand_idx, query_idx = _rows(labels, queries)
-  n, width, h = workload.num_examples, workload.width, workload.header_len
-  tail = 1 + workload.sep_len
-  chunk = chunk_rows(scoring, divisor)
+  lengths = _example_lengths(workload)
+  chunk = layout.chunk_rows(scoring.rows_per_chunk, divisor)
   rows = layout.row_layout(labels.shape[0], cand_idx, query_idx,
                            min_rows=scoring.min_rows, chunk=chunk)
   prompts = workload.lengths[query_idx]
   # A query sees the header and every other labelled demonstration: the
   # exact-mode row without its own prompt.
-  visible = layout.exact_row_lengths(_example_lengths(workload), labels,
-                                     cand_idx, query_idx) - prompts
+  visible = layout.exact_row_lengths(lengths, labels, cand_idx,
+                                     query_idx) - prompts
   return ParallelLayout(
       cands=rows.candidates, rows=rows.rows, chunk=chunk, groups=divisor,
-      width=width, end_position=h + width + tail,
-      cache_len=h + n * width + 2 * n * tail, num_queries=len(query_idx),
+      width=lengths.width, end_position=layout.parallel_end_position(lengths),
+      cache_len=layout.demo_cache_len(lengths), num_queries=len(query_idx),
       query_lengths=prompts, visible_cache_keys=visible)

@@ -33,6 +33,31 @@ class ExampleLengths:
     return int(self.prompt.max())
 
 
+def chunk_rows(rows_per_chunk: int, divisor: int) -> int:
+  """Rows per micro-batch: rows_per_chunk rounded up to the mesh's divisor."""
+  return -(-rows_per_chunk // divisor) * divisor
+
+
+def scored_rows(labels: np.ndarray, queries=None):
+  """(cand_idx, query_idx) of the rows to score; default: labelled examples."""
+  if queries is None:
+    queries = labels >= 0
+  queries = np.broadcast_to(np.asarray(queries, bool), labels.shape)
+  return np.nonzero(queries)
+
+
+def parallel_end_position(lengths: ExampleLengths) -> int:
+  """One-pass mode: the position every demonstration slot ends at."""
+  return lengths.header + lengths.width + 1 + lengths.separator
+
+
+def demo_cache_len(lengths: ExampleLengths) -> int:
+  """Keys of parallel.build_demo_cache: header, N left-padded prompts, and
+  both labels' (label token + separator) tails."""
+  num = len(lengths.prompt)
+  return lengths.header + num * lengths.width + 2 * num * (1 + lengths.separator)
+
+
 def candidates_bucket(num_candidates: int) -> int:
   """Assignments per call, bucketed (padded with copies of the first)."""
   return bucket(num_candidates)

@@ -94,7 +94,7 @@ class LOOScorer:
       divisor = sharding.batch_divisor(mesh)
       self._batch_sharding_fn = functools.partial(sharding.batch_sharding, mesh)
     self._groups = divisor
-    self._chunk = -(-config.rows_per_chunk // divisor) * divisor
+    self._chunk = layout.chunk_rows(config.rows_per_chunk, divisor)
     self._token_sets = tuple(tuple(int(t) for t in s)
                              for s in examples.label_token_sets)
     self._check_vocab()
@@ -116,7 +116,7 @@ class LOOScorer:
       self._shared_kernel = jax.jit(self._exact_shared_kernel,
                                     static_argnames=("full_len", "packed_len"))
     else:
-      self._end_position = self._header_len + width + 1 + self._sep_len
+      self._end_position = layout.parallel_end_position(self._lengths)
       if self._end_position + width > context:
         worst = int(np.argmax(self._prompt_len))
         raise ValueError(
@@ -180,10 +180,7 @@ class LOOScorer:
                        f"{self.num_examples}")
     if not np.isin(labels, (-1, 0, 1)).all():
       raise ValueError("labels must be -1 (unlabelled), 0 (False) or 1 (True)")
-    if queries is None:
-      queries = labels >= 0
-    queries = np.broadcast_to(np.asarray(queries, bool), labels.shape)
-    cand_idx, query_idx = np.nonzero(queries)
+    cand_idx, query_idx = layout.scored_rows(labels, queries)
     lp_false = np.full(labels.shape, np.nan, np.float32)
     lp_true = np.full(labels.shape, np.nan, np.float32)
     if len(query_idx):
