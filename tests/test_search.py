@@ -123,7 +123,9 @@ def test_temperature_schedules():
                                  dict(objective="x"), dict(initial_size=0),
                                  dict(max_iterations=1.5),
                                  dict(final_temperature=20.0),
-                                 dict(consistency_fix_rounds=-1)])
+                                 dict(consistency_fix_rounds=-1),
+                                 dict(fix="greedy"),
+                                 dict(fix_pairs_per_call=0)])
 def test_bad_config_names_the_key(bad):
   key = next(iter(bad))
   with pytest.raises(ValueError, match=f"search.{key}"):
@@ -216,15 +218,20 @@ def test_same_seed_same_labels_bit_for_bit(tmp_path):
       read(tmp_path / "c" / "metrics.jsonl")
 
 
-def test_outputs_are_well_formed(tmp_path):
-  result = small_search().run(str(tmp_path), progress=False)
+@pytest.mark.parametrize("iterations", [120, 3])
+def test_outputs_are_well_formed(tmp_path, iterations):
+  result = small_search(max_iterations=iterations).run(str(tmp_path),
+                                                       progress=False)
   labels = [json.loads(l) for l in open(tmp_path / "labels.jsonl")]
   assert [r["id"] for r in labels] == [f"ex{k}" for k in range(24)]
-  assert [r["label"] for r in labels] == result.labels.tolist()
+  assert [r["label"] for r in labels] == [None if l < 0 else l
+                                          for l in result.labels.tolist()]
+  if iterations == 3:  # 8 seeds + at most 3 more: most examples unlabelled
+    assert sum(r["label"] is None for r in labels) >= 13
   for r in labels:
     assert r["score"] == pytest.approx(r["log_p_true"] - r["log_p_false"])
   metrics = [json.loads(l) for l in open(tmp_path / "metrics.jsonl")]
-  assert [m["iteration"] for m in metrics] == list(range(121))
+  assert [m["iteration"] for m in metrics] == list(range(iterations + 1))
   for m in metrics:
     assert {"U", "P", "I", "T", "accepted", "labelled", "flips"} <= set(m)
     assert m["U"] == pytest.approx(50 * m["P"] - m["I"])

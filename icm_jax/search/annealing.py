@@ -40,6 +40,17 @@ METRICS_FILE = "metrics.jsonl"
 LABELS_FILE = "labels.jsonl"
 
 
+# The hard fix enumerates every labelling of a group's free labelled members.
+MAX_HARD_FIX_MEMBERS = 12
+
+
+def accepts(delta: float, temperature: float, rng: np.random.Generator) -> bool:
+  """Metropolis rule: a better assignment always, a worse one with
+  probability exp(delta / T) (one uniform draw either way)."""
+  u = rng.random()
+  return delta > 0 or u < math.exp(min(delta / temperature, 0.0))
+
+
 class SearchError(RuntimeError):
   """The search cannot go on (e.g. a NaN/Inf score)."""
 
@@ -130,14 +141,102 @@ class ICMSearch:
   # -- Algorithm 2 -------------------------------------------------------------
 
   def fix(self, labels: np.ndarray, current: Optional[Evaluation],
-          rng: np.random.Generator, focus: Sequence[int] = (),
+          rng: np.random.Generator, keep: Sequence[int] = (),
           what: str = "fix"):
-    """Consistency fix; `current=None` scores `labels` in the first call.
+    """Consistency fix of `labels` (`config.fix`); returns it with its U.
 
-    Each round takes an inconsistent pair (preferring pairs that touch an
-    example changed in this step), scores every label option that makes the
-    pair consistent in one batched call and keeps the best unless it lowers U.
+    `current` is the evaluation of `labels` when known (initialisation: the
+    baseline a fix must reach); None is the main loop's call, where the
+    official fix resolves the first pair it examines whatever it costs.
+    `keep`: examples the hard fix may not change (the proposed label).
+    Returns (labels, evaluation), or None when the hard fix finds no
+    consistent assignment that keeps `keep`.
     """
+    if self.config.fix == "hard":
+      return self._fix_hard(labels, keep, what)
+    if self.config.fix == "unfixed_baseline":
+      return self._fix_unfixed_baseline(labels, current, rng, keep, what)
+    return self._fix_official(labels, current, rng, what)
+
+  def _options(self, labels: np.ndarray, pairs: np.ndarray):
+    """Every consistent option of each pair as a candidate assignment."""
+    candidates, owner = [], []
+    for k, (a, b) in enumerate(pairs):
+      for ya, yb in self.consistency.options(int(a), int(b)):
+        cand = labels.copy()
+        cand[a], cand[b] = ya, yb
+        candidates.append(cand)
+        owner.append(k)
+    return np.stack(candidates), np.array(owner)
+
+  def _fix_official(self, labels, current, rng, what):
+    labels = labels.copy()
+    best = -math.inf if current is None else current.utility
+    per_call = self.config.fix_pairs_per_call
+    for _ in range(self.config.consistency_fix_rounds):
+      pairs = self.consistency.pairs(labels)
+      if len(pairs) == 0:
+        break
+      pairs = pairs[rng.permutation(len(pairs))]
+      applied = None
+      for start in range(0, len(pairs), per_call):
+        candidates, owner = self._options(labels, pairs[start:start + per_call])
+        evaluations = self.evaluate(candidates, what)
+        utility = np.array([e.utility for e in evaluations])
+        for k in range(owner.max() + 1):
+          # The better of the pair's options (the first on a tie) ...
+          mine = np.flatnonzero(owner == k)
+          c = int(mine[np.argmax(utility[mine])])
+          # ... is applied if it is no worse than the best U so far.
+          if utility[c] >= best:
+            applied = candidates[c], evaluations[c]
+            break
+        if applied is not None:
+          break
+      if applied is None:
+        break
+      labels, current = applied
+      best = current.utility
+    if current is None:
+      current = self.evaluate(labels[None], what)[0]
+    return labels, current
+
+  def _fix_hard(self, labels, keep, what):
+    """Each group holding an inconsistent pair, in group order, is set to its
+    best-U consistent assignment of its labelled members (`keep` held)."""
+    labels = labels.copy()
+    cons = self.consistency
+    current = None
+    held = np.zeros(self.n, bool)
+    held[list(keep)] = True
+    while True:
+      bad = cons.inconsistent(labels)
+      if not bad.any():
+        break
+      g = int(cons.group[cons.pair_i[bad][0]])
+      free = np.flatnonzero((cons.group == g) & (labels != UNLABELLED) & ~held)
+      if len(free) > MAX_HARD_FIX_MEMBERS:
+        raise SearchError(
+            f"search.fix='hard': consistency group of {self.ids[free[0]]} has "
+            f"{len(free)} labelled members to enumerate (at most "
+            f"{MAX_HARD_FIX_MEMBERS})")
+      bits = (np.arange(2 ** len(free))[:, None] >> np.arange(len(free))) & 1
+      candidates = np.repeat(labels[None], len(bits), axis=0)
+      candidates[:, free] = bits
+      in_group = cons.group[cons.pair_i] == g
+      ok = ~(cons.inconsistent(candidates) & in_group).any(axis=1)
+      if not ok.any():
+        return None
+      candidates = candidates[ok]
+      evaluations = self.evaluate(candidates, what)
+      c = int(np.argmax([e.utility for e in evaluations]))
+      labels, current = candidates[c], evaluations[c]
+    if current is None:
+      current = self.evaluate(labels[None], what)[0]
+    return labels, current
+
+  def _fix_unfixed_baseline(self, labels, current, rng, focus, what):
+    """This project's earlier fix, kept for comparison (see SearchConfig)."""
     labels = labels.copy()
     touched = set(int(i) for i in focus)
     for _ in range(self.config.consistency_fix_rounds):
@@ -148,9 +247,7 @@ class ICMSearch:
                       np.int64).reshape(-1, 2)
       pool = near if len(near) else pairs
       a, b = (int(x) for x in pool[rng.integers(len(pool))])
-      options = self.consistency.options(a, b)
-      candidates = np.repeat(labels[None], len(options), axis=0)
-      candidates[:, a], candidates[:, b] = options[:, 0], options[:, 1]
+      candidates, _ = self._options(labels, np.array([[a, b]]))
       if current is None:
         candidates = np.concatenate([labels[None], candidates])
       evaluations = self.evaluate(candidates, what)
@@ -170,7 +267,7 @@ class ICMSearch:
 
   def initial_state(self) -> SearchState:
     """K seed examples (whole groups first, in random group order) with
-    balanced random labels, then consistency-fixed."""
+    balanced random labels, then consistency-fixed against their real U."""
     cfg = self.config
     rng = np.random.default_rng(cfg.seed)
     group_rank = np.argsort(rng.permutation(self.consistency.group.max() + 1))
@@ -182,13 +279,20 @@ class ICMSearch:
     rng.shuffle(seed_labels)
     labels = np.full(self.n, UNLABELLED, np.int8)
     labels[seeds] = seed_labels
-    labels, current = self.fix(labels, None, rng, what="initialisation")
+    seeded = self.evaluate(labels[None], "initialisation")[0]
+    fixed = self.fix(labels, seeded, rng, what="initialisation")
+    labels, current = fixed if fixed is not None else (labels, seeded)
     return SearchState(labels=labels, current=current, iteration=0, flips=0,
                        visited=np.zeros(self.n, bool),
                        rng_state=rng.bit_generator.state)
 
   def step(self, st: SearchState, rng: np.random.Generator) -> dict:
-    """One iteration; mutates `st`, returns its metrics record."""
+    """One iteration; mutates `st`, returns its metrics record.
+
+    A proposal whose fixed tentative assignment equals the current one is no
+    change: not accepted, not a flip, and the converged-stop bookkeeping goes
+    on (the official code counts it as an accepted flip with Delta = 0).
+    """
     cfg = self.config
     st.iteration += 1
     labelled = st.labels != UNLABELLED
@@ -203,20 +307,23 @@ class ICMSearch:
     temperature = cfg.temperature(st.iteration, st.flips)
     record = {"iteration": st.iteration, "example": self.ids[i],
               "proposed": new_label != st.labels[i], "accepted": False,
-              "delta": None}
+              "no_change": False, "delta": None}
     if new_label != st.labels[i]:
       tentative = st.labels.copy()
       tentative[i] = new_label
-      tentative, evaluation = self.fix(tentative, None, rng, focus=(i,),
-                                       what=f"iteration {st.iteration}")
-      delta = evaluation.utility - st.current.utility
-      u = rng.random()
-      accept = delta > 0 or u < math.exp(min(delta / temperature, 0.0))
-      record.update(delta=delta, accepted=accept)
-      if accept:
-        st.labels, st.current = tentative, evaluation
-        st.flips += 1
-        st.visited[:] = False
+      fixed = self.fix(tentative, None, rng, keep=(i,),
+                       what=f"iteration {st.iteration}")
+      if fixed is None or np.array_equal(fixed[0], st.labels):
+        record["no_change"] = True
+      else:
+        tentative, evaluation = fixed
+        delta = evaluation.utility - st.current.utility
+        accept = accepts(delta, temperature, rng)
+        record.update(delta=delta, accepted=accept)
+        if accept:
+          st.labels, st.current = tentative, evaluation
+          st.flips += 1
+          st.visited[:] = False
     st.visited[i] = True
     record["T"] = temperature
     return record

@@ -7,6 +7,7 @@ import math
 
 SCHEDULES = ("log", "paper", "exp")
 OBJECTIVES = ("mean_log_odds", "sum_log_prob")
+FIXES = ("official", "hard", "unfixed_baseline")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -19,6 +20,25 @@ class SearchConfig:
   schedule: temperature. "log" (official): T0 / (1 + 2 ln(1 + flips));
     "paper": T0 / (1 + decay ln n) at iteration n >= 1; "exp": T0 * decay^flips.
     All floored at final_temperature. "flips" counts accepted changes.
+  fix: Algorithm 2, the consistency fix of each tentative assignment.
+    "official" (github Jiaxin-Wen/Unsupervised-Elicitation, ICM.py
+    `fix_inconsistency`): in the main loop the first inconsistent pair
+    examined is resolved whatever it costs (the official code passes a dummy
+    current metric); then, for up to `consistency_fix_rounds` rounds, the
+    inconsistent pairs are walked in random order and the first whose best
+    consistent option scores U >= the best U so far is applied; a round that
+    applies nothing, or I = 0, ends the fix. At initialisation the baseline is
+    the seed set's real U. "hard": every tentative assignment is made fully
+    consistent (I = 0): each group with an inconsistent pair gets its
+    best-U consistent assignment, the proposed label held fixed, so only
+    consistent assignments are ever accepted. "unfixed_baseline": this
+    project's earlier fix (U of the unfixed tentative set is the baseline and
+    the fix stops at the first sampled pair that does not beat it); kept to
+    reproduce the README's comparison, where it ends comparative tasks
+    all-one-label and fully inconsistent.
+  fix_pairs_per_call: inconsistent pairs whose options go to the scorer in
+    one call during the official fix's walk (the decisions do not depend on
+    it: more pairs per call means fewer calls, some of them wasted).
   unlabelled_group_weight: sampling weight of an unlabelled example sharing a
     consistency group with a labelled one (others weigh 1).
   stop_when_converged: also stop once every example is labelled and a full
@@ -34,7 +54,9 @@ class SearchConfig:
   initial_temperature: float = 10.0
   final_temperature: float = 0.01
   decay: float = 0.99
+  fix: str = "official"
   consistency_fix_rounds: int = 10
+  fix_pairs_per_call: int = 1
   unlabelled_group_weight: float = 100.0
   stop_when_converged: bool = False
   checkpoint_every: int = 10
@@ -45,6 +67,8 @@ class SearchConfig:
       raise ValueError(f"search.{key}={getattr(self, key)!r}: {why}")
     if self.objective not in OBJECTIVES:
       bad("objective", f"not in {OBJECTIVES}")
+    if self.fix not in FIXES:
+      bad("fix", f"not in {FIXES}")
     if self.schedule not in SCHEDULES:
       bad("schedule", f"not in {SCHEDULES}")
     for key in ("alpha", "initial_temperature", "final_temperature", "decay",
@@ -56,7 +80,8 @@ class SearchConfig:
       bad("final_temperature", "exceeds initial_temperature")
     if self.schedule == "exp" and self.decay >= 1:
       bad("decay", "the exp schedule needs decay < 1")
-    for key in ("initial_size", "max_iterations", "checkpoint_every"):
+    for key in ("initial_size", "max_iterations", "checkpoint_every",
+                "fix_pairs_per_call"):
       value = getattr(self, key)
       if not isinstance(value, int) or isinstance(value, bool) or value < 1:
         bad(key, "must be a positive int")

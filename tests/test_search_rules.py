@@ -1,0 +1,411 @@
+"""The search's decision rules against references that do not use its code.
+
+Each test names the wrong search it catches: Algorithm 2 not as the official
+code runs it (no forced first resolution, stopping at the first pair, applying
+a worse option, > for >=), a wrong acceptance rule (always accept, 1 - exp),
+a wrong objective (U = alpha·P + I), no-op steps counted as flips, and a search
+that does not reach the brute-force optimum.
+"""
+
+import copy
+import json
+import itertools
+import os
+import sys
+
+import numpy as np
+import pytest
+
+from icm_jax.search import Consistency, ICMSearch, SearchConfig
+from icm_jax.search.state import SearchState
+
+sys.path.insert(0, os.path.dirname(__file__))
+from planted import PlantedScorer, Scores  # noqa: E402
+from test_search import naive_inconsistent_pairs  # noqa: E402
+
+
+class FixedScorer:
+  """Log-odds s_i(D) = fn(labels)[i]; log P(True) = s, log P(False) = 0.
+
+  Exactly representable values make U exact (for the >= tie test); the search
+  reads only log P(True) - log P(False) under the default objective.
+  """
+
+  def __init__(self, fn):
+    self.fn = fn
+
+  def __call__(self, labels, queries=None):
+    labels = np.atleast_2d(np.asarray(labels))
+    if queries is None:
+      queries = labels >= 0
+    queries = np.broadcast_to(queries, labels.shape)
+    s = np.stack([np.asarray(self.fn(row), np.float64) for row in labels])
+    lt = np.where(queries, s, np.nan).astype(np.float32)
+    lf = np.where(queries, 0.0, np.nan).astype(np.float32)
+    return Scores(lf, lt)
+
+
+def constant(values):
+  values = np.asarray(values, np.float64)
+  return FixedScorer(lambda labels: values)
+
+
+def pairs_structure(num_pairs):
+  groups = [str(k // 2) for k in range(2 * num_pairs)]
+  keys = ["A>B" if k % 2 == 0 else "B>A" for k in range(2 * num_pairs)]
+  return groups, keys
+
+
+def naive_utility(scorer, labels, groups, keys, kind, alpha):
+  """alpha · mean assigned log-odds − #inconsistent pairs, by plain loops."""
+  scores = scorer(labels[None])
+  s = (scores.log_p_true - scores.log_p_false)[0].astype(np.float64)
+  odds = [s[i] if labels[i] == 1 else -s[i]
+          for i in range(len(labels)) if labels[i] >= 0]
+  p = float(np.mean(odds)) if odds else 0.0
+  return alpha * p - len(naive_inconsistent_pairs(groups, keys, labels, kind))
+
+
+def state_of(search, labels):
+  labels = np.asarray(labels, np.int8)
+  return SearchState(labels=labels.copy(),
+                     current=search.evaluate(labels[None], "test")[0],
+                     iteration=0, flips=0,
+                     visited=np.zeros(len(labels), bool),
+                     rng_state=np.random.default_rng(0).bit_generator.state)
+
+
+# -- the objective -------------------------------------------------------------
+
+@pytest.mark.parametrize("kind", ["keyed", "comparative"])
+def test_utility_is_alpha_p_minus_inconsistency(kind):
+  rng = np.random.default_rng(0)
+  n = 10
+  groups = [str(k // 3) for k in range(n)]
+  keys = [f"k{rng.integers(0, 2)}" for _ in range(n)]
+  scorer = PlantedScorer(rng.integers(0, 2, n), herd=0.7, seed=1)
+  search = ICMSearch(scorer, Consistency.build(groups, keys, kind),
+                     SearchConfig(alpha=3.0))
+  labels = rng.integers(-1, 2, size=(40, n)).astype(np.int8)
+  got = [e.utility for e in search.evaluate(labels, "test")]
+  want = [naive_utility(scorer, l, groups, keys, kind, 3.0) for l in labels]
+  assert max(len(naive_inconsistent_pairs(groups, keys, l, kind))
+             for l in labels) > 0
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-4)
+
+
+# -- Algorithm 2 as the official code runs it ----------------------------------
+
+def test_main_loop_fix_resolves_the_contradiction_even_when_u_drops():
+  # Pair (0, 1) made (1, 1) by a proposal. Every example's log-odds is
+  # positive, so the unfixed tentative set has the highest U of all; the
+  # official fix (dummy current metric) still resolves the pair, with the
+  # better of its options: (1, 0).
+  groups, keys = pairs_structure(2)
+  scorer = constant([3.0, 1.0, 2.0, 2.0])
+  search = ICMSearch(scorer, Consistency.build(groups, keys, "comparative"),
+                     SearchConfig(alpha=50.0, initial_size=2))
+  tentative = np.array([1, 1, 1, 0], np.int8)
+  options = np.array([[1, 0, 1, 0], [0, 1, 1, 0]], np.int8)
+  u = [e.utility for e in search.evaluate(np.vstack([tentative, options]), "t")]
+  assert u[0] > max(u[1:]) and u[1] > u[2]
+  for seed in range(5):
+    labels, evaluation = search.fix(tentative, None,
+                                    np.random.default_rng(seed))
+    assert labels.tolist() == [1, 0, 1, 0]
+    assert evaluation.inconsistency == 0
+    assert evaluation.utility == pytest.approx(u[1])
+
+
+def three_bad_pairs_search(**overrides):
+  # Pairs (0,1) and (2,3) are (1,1) with log-odds +5: resolving them costs
+  # far more predictability than the 1 it saves. Pair (4,5) is (1,1) with
+  # log-odds (+0.1, -5): setting (1, 0) gains. alpha = 1.
+  groups, keys = pairs_structure(3)
+  scorer = constant([5.0, 5.0, 5.0, 5.0, 0.1, -5.0])
+  cfg = SearchConfig(**{"alpha": 1.0, "initial_size": 2, **overrides})
+  return ICMSearch(scorer, Consistency.build(groups, keys, "comparative"), cfg)
+
+
+@pytest.mark.parametrize("per_call", [1, 2, 3])
+def test_fix_round_walks_every_inconsistent_pair(per_call):
+  search = three_bad_pairs_search(fix_pairs_per_call=per_call)
+  labels = np.ones(6, np.int8)
+  baseline = search.evaluate(labels[None], "t")[0]
+  walked_past = 0
+  for seed in range(12):
+    rng = np.random.default_rng(seed)
+    order = search.consistency.pairs(labels)[
+        np.random.default_rng(seed).permutation(3)]
+    walked_past += order[0].tolist() != [4, 5]
+    fixed, evaluation = search.fix(labels, baseline, rng)
+    # Only the improving pair is resolved; the other two stay as they were
+    # (their options lower U), whatever order the round walked them in.
+    assert fixed.tolist() == [1, 1, 1, 1, 1, 0], seed
+    assert evaluation.inconsistency == 2
+    assert evaluation.utility > baseline.utility
+  assert walked_past >= 6  # the improving pair was often not examined first
+
+
+def test_fix_applies_an_option_that_ties_the_best_u():
+  # Official `>=`: with alpha = 1 and log-odds 1 for both claims of a (1, 1)
+  # pair, U(unfixed) = 1 - 1 = 0 = U of either option.
+  groups, keys = pairs_structure(1)
+  search = ICMSearch(constant([1.0, 1.0]),
+                     Consistency.build(groups, keys, "comparative"),
+                     SearchConfig(alpha=1.0, initial_size=2))
+  labels = np.array([1, 1], np.int8)
+  baseline = search.evaluate(labels[None], "t")[0]
+  options = search.evaluate(np.array([[1, 0], [0, 1]], np.int8), "t")
+  assert baseline.utility == options[0].utility == options[1].utility == 0.0
+  fixed, evaluation = search.fix(labels, baseline, np.random.default_rng(0))
+  assert fixed.tolist() == [1, 0] and evaluation.inconsistency == 0
+
+
+def test_initialisation_fix_is_measured_against_the_seed_set():
+  # The same three pairs as seeds: only the improving pair gets fixed.
+  search = three_bad_pairs_search(initial_size=6)
+  for seed in range(6):
+    search.config = SearchConfig(alpha=1.0, initial_size=6, seed=seed)
+    st = search.initial_state()
+    labels = st.labels
+    assert (labels >= 0).all()
+    assert st.current.utility >= search.evaluate(labels[None], "t")[0].utility
+    seeded = ICMSearch(search.score_fn, search.consistency,
+                       SearchConfig(alpha=1.0, initial_size=6, seed=seed,
+                                    consistency_fix_rounds=0)).initial_state()
+    assert st.current.utility >= seeded.current.utility
+    # An expensive pair seeded (1, 1) stays so (its options lower U); the
+    # cheap pair ends (1, 0) if it was seeded inconsistent, else as seeded.
+    for a in (0, 2):
+      if seeded.labels[a] == seeded.labels[a + 1] == 1:
+        assert labels[a:a + 2].tolist() == [1, 1]
+    if seeded.labels[4] == seeded.labels[5]:
+      assert labels[4:6].tolist() == [1, 0]
+    else:
+      assert labels[4:6].tolist() == seeded.labels[4:6].tolist()
+
+
+def test_hard_fix_returns_the_best_consistent_completion():
+  # Keyed group of four (GSM8K-like: keys = final answers), proposal holds
+  # example 0 True; brute force over the other three.
+  groups, keys = ["q"] * 4, ["12", "12", "7", "9"]
+  rng = np.random.default_rng(3)
+  scorer = PlantedScorer(rng.integers(0, 2, 4), herd=0.8, seed=3)
+  cons = Consistency.build(groups, keys, "keyed")
+  search = ICMSearch(scorer, cons, SearchConfig(alpha=5.0, fix="hard", initial_size=2))
+  tentative = np.array([1, 0, 1, 1], np.int8)
+  fixed, evaluation = search.fix(tentative, None, rng, keep=(0,))
+  best, best_u = None, -np.inf
+  for rest in itertools.product((0, 1), repeat=3):
+    cand = np.array((1,) + rest, np.int8)
+    if naive_inconsistent_pairs(groups, keys, cand, "keyed"):
+      continue
+    u = naive_utility(scorer, cand, groups, keys, "keyed", 5.0)
+    if u > best_u:
+      best, best_u = cand, u
+  assert fixed.tolist() == best.tolist()
+  assert evaluation.inconsistency == 0
+  assert evaluation.utility == pytest.approx(best_u, abs=1e-4)
+
+
+# -- Algorithm 1: acceptance and no-op steps ------------------------------------
+
+def acceptance_search(a, b):
+  """Three unkeyed claims, all labelled False: log-odds a everywhere while
+  no claim is True, b once one is. Every step proposes True (a > 0) with
+  Delta = U(one True) - U(all False) = 50 · (a - b/3), at T = T0 = 10."""
+  scorer = FixedScorer(lambda labels: np.full(3, b if (labels == 1).any()
+                                              else a))
+  search = ICMSearch(scorer, Consistency.build(["0", "1", "2"], [None] * 3,
+                                               "none"), SearchConfig(initial_size=2))
+  return search, state_of(search, [0, 0, 0])
+
+
+def test_a_worse_state_is_accepted_with_probability_exp_delta_over_t():
+  target = 0.3
+  a = 0.1
+  b = 3 * (a - 10 * np.log(target) / 50)
+  search, start = acceptance_search(a, b)
+  draws, accepted = 4000, 0
+  for k in range(draws):
+    st = copy.deepcopy(start)
+    record = search.step(st, np.random.default_rng(k))
+    assert record["proposed"] and record["T"] == 10.0
+    assert record["delta"] == pytest.approx(10 * np.log(target), rel=1e-4)
+    accepted += record["accepted"]
+    assert st.flips == int(record["accepted"])
+  sd = np.sqrt(target * (1 - target) / draws)
+  assert abs(accepted / draws - target) < 4 * sd, accepted / draws
+
+
+@pytest.mark.parametrize("b", [0.0, 0.29])
+def test_a_better_state_is_always_accepted(b):
+  search, start = acceptance_search(0.1, b)
+  for k in range(300):
+    st = copy.deepcopy(start)
+    record = search.step(st, np.random.default_rng(k))
+    assert record["delta"] > 0 and record["accepted"], record
+    assert (st.labels == 1).sum() == 1 and st.flips == 1
+
+
+def test_a_step_fixed_back_to_the_current_labels_is_no_change():
+  # Pairs (0,1) = (1,0) and (2,3) = (0,1). Example 0's log-odds is negative,
+  # so drawing it proposes (0, 0); the forced fix's better option is (1, 0),
+  # the current labelling. Every other example agrees with its label.
+  groups, keys = pairs_structure(2)
+  search = ICMSearch(constant([-0.5, -3.0, -3.0, 3.0]),
+                     Consistency.build(groups, keys, "comparative"),
+                     SearchConfig(stop_when_converged=True, initial_size=2,
+                                  max_iterations=200))
+  st = state_of(search, [1, 0, 0, 1])
+  rng = np.random.default_rng(0)
+  proposals = 0
+  while not search.converged(st):
+    record = search.step(st, rng)
+    if record["proposed"]:
+      proposals += 1
+      assert record["no_change"] and not record["accepted"], record
+    assert record["T"] == 10.0  # no flips, so the schedule never moves
+  assert proposals >= 1
+  assert st.flips == 0 and st.labels.tolist() == [1, 0, 0, 1]
+  # Converged at the first pass over all four examples: a no-op never resets
+  # the bookkeeping.
+  assert st.iteration < 30
+
+
+# -- whole searches ------------------------------------------------------------
+
+def brute_force_optimum(scorer, groups, keys, kind, alpha, consistent_only):
+  n = len(groups)
+  every = np.array(list(itertools.product((0, 1), repeat=n)), np.int8)
+  scores = scorer(every)
+  s = (scores.log_p_true - scores.log_p_false).astype(np.float64)
+  p = np.where(every == 1, s, -s).mean(axis=1)
+  bad = np.array([len(naive_inconsistent_pairs(groups, keys, l, kind))
+                  for l in every])
+  u = alpha * p - bad
+  if consistent_only:
+    u = np.where(bad == 0, u, -np.inf)
+  order = np.argsort(-u)
+  return every[order[0]], u[order[0]], u[order[1]], bad[order[0]]
+
+
+def keyed_groups_task():
+  """Three GSM8K-like groups of four (keys = final answers)."""
+  groups = [str(k // 4) for k in range(12)]
+  keys = ["5", "5", "8", "3", "10", "2", "10", "4", "1", "6", "7", "6"]
+  truth = np.array([1, 1, 0, 0, 1, 0, 1, 0, 0, 0, 0, 0])
+  return groups, keys, truth
+
+
+def comparative_pairs_task():
+  groups, keys = pairs_structure(6)
+  truth = np.array([1, 0, 0, 1, 0, 1, 1, 0, 1, 0, 0, 1])
+  return groups, keys, truth
+
+
+# Planted models with per-claim errors (noise) and a copy-the-majority bias
+# (herd) where the optimum of U (for the hard fix: over consistent
+# labellings) is unique by a margin, consistent, and neither the planted truth
+# nor one label: (task, signal, herd, alpha, noise, scorer seed). Picked from
+# a sweep of such scorers for an optimum ICM's proposals (the model's own
+# predictions) can reach: a labelling that every prediction agrees with is a
+# fixed point no search of this kind leaves, and the hard fix, which turns
+# every proposal into a change, keeps more temperature (the log schedule
+# cools per flip).
+OPTIMUM_CASES = {
+    ("keyed", "official"): (keyed_groups_task, 0.3, 0.3, 8.0, 1.2, 4),
+    ("comparative", "official"): (comparative_pairs_task, 0.3, 0.3, 8.0, 1.8, 3),
+    ("keyed", "hard"): (keyed_groups_task, 0.3, 0.8, 20.0, 1.2, 11),
+    ("comparative", "hard"): (comparative_pairs_task, 0.3, 0.3, 50.0, 1.2, 8),
+}
+
+
+@pytest.mark.parametrize("kind,fix", sorted(OPTIMUM_CASES))
+def test_search_reaches_the_brute_force_optimum(kind, fix):
+  make_task, signal, herd, alpha, noise, seed = OPTIMUM_CASES[kind, fix]
+  groups, keys, truth = make_task()
+  scorer = PlantedScorer(truth, signal=signal, prior=0.4, herd=herd,
+                         noise=noise, context_noise=0.05, seed=seed)
+  best, best_u, second_u, best_bad = brute_force_optimum(
+      scorer, groups, keys, kind, alpha, consistent_only=(fix == "hard"))
+  assert best_u > second_u + 0.3 and best_bad == 0
+  assert best.tolist() != truth.tolist()
+  assert 0 < best.sum() < len(best)
+  reached = []
+  for search_seed in range(10):
+    result = ICMSearch(scorer, Consistency.build(groups, keys, kind),
+                       SearchConfig(alpha=alpha, fix=fix, seed=search_seed,
+                                    max_iterations=400)).run(progress=False)
+    reached.append(result.labels.tolist() == best.tolist())
+  assert sum(reached) >= 8, reached
+
+
+def biased_pairs(seed, n=24):
+  """Comparative pairs with a strong one-label bias: without a working fix,
+  'everything False' beats every consistent labelling at alpha = 50."""
+  rng = np.random.default_rng(300 + seed)
+  first = rng.integers(0, 2, n // 2)
+  truth = np.stack([first, 1 - first], 1).reshape(-1)
+  groups, keys = pairs_structure(n // 2)
+  scorer = PlantedScorer(truth, signal=0.6, prior=0.3, herd=2.0, noise=0.5,
+                         seed=seed)
+  return scorer, Consistency.build(groups, keys, "comparative"), truth
+
+
+def test_comparative_task_ends_consistent_at_the_papers_alpha():
+  for seed in range(5):
+    scorer, cons, truth = biased_pairs(seed)
+    everything_false = np.zeros(len(truth), np.int8)
+    search = ICMSearch(scorer, cons, SearchConfig(seed=seed,
+                                                  max_iterations=300))
+    consistent = np.stack([truth, 1 - truth]).astype(np.int8)
+    u_false = search.evaluate(everything_false[None], "t")[0].utility
+    assert u_false > max(e.utility for e in search.evaluate(consistent, "t"))
+    result = search.run(progress=False)
+    assert (result.labels >= 0).all()
+    assert result.inconsistency == 0, seed
+    assert cons.count(result.labels) == 0
+
+
+def gsm8k_like(seed, groups_of_four=6):
+  rng = np.random.default_rng(400 + seed)
+  n = 4 * groups_of_four
+  groups = [str(k // 4) for k in range(n)]
+  keys = [f"{k // 4}:{rng.integers(0, 3)}" for k in range(n)]
+  truth = np.zeros(n, np.int64)
+  for g in range(groups_of_four):  # one key of each group is the right answer
+    right = keys[4 * g + rng.integers(0, 4)]
+    truth[4 * g:4 * g + 4] = [keys[4 * g + m] == right for m in range(4)]
+  scorer = PlantedScorer(truth, signal=0.6, prior=0.3, herd=1.5, noise=0.6,
+                         seed=seed)
+  return scorer, Consistency.build(groups, keys, "keyed"), truth
+
+
+def test_hard_fix_only_ever_holds_consistent_labels(tmp_path):
+  for seed in range(3):
+    scorer, cons, _ = gsm8k_like(seed)
+    workdir = tmp_path / str(seed)
+    result = ICMSearch(scorer, cons, SearchConfig(fix="hard", seed=seed,
+                                                  max_iterations=150)
+                       ).run(str(workdir), progress=False)
+    metrics = [json.loads(l) for l in open(workdir / "metrics.jsonl")]
+    assert [m["I"] for m in metrics] == [0] * len(metrics)
+    assert sum(m["accepted"] for m in metrics[1:]) == result.flips > 0
+    assert cons.count(result.labels) == 0
+
+
+def test_pairs_per_call_changes_calls_not_decisions(tmp_path):
+  scorer, cons, _ = gsm8k_like(0)
+  runs = {}
+  for per_call in (1, 4):
+    search = ICMSearch(scorer, cons, SearchConfig(
+        seed=5, max_iterations=120, fix_pairs_per_call=per_call))
+    runs[per_call] = search.run(str(tmp_path / str(per_call)), progress=False)
+  one, four = runs[1], runs[4]
+  assert np.array_equal(one.labels, four.labels)
+  assert one.flips == four.flips and one.utility == four.utility
+  assert four.score_calls < one.score_calls
+  assert (open(tmp_path / "1" / "metrics.jsonl").read() ==
+          open(tmp_path / "4" / "metrics.jsonl").read())
