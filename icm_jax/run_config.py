@@ -84,7 +84,7 @@ def default_config() -> ml_collections.ConfigDict:
   c.scoring = _dataclass_section(ScoringConfig)
   c.search = _dataclass_section(SearchConfig)
   c.label = ml_collections.ConfigDict(dict(
-      batch_size=256,      # examples per ICM search (the paper's K)
+      batch_size=256,      # claims per ICM search (the paper's K is search.initial_size)
       label_rule="variants",
       # Official README's iterative scheme: label batch 1 with M0, fine-tune
       # -> M1, label batch 2 with M1, ... (each fine-tune starts from M0 and

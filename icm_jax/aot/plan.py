@@ -13,9 +13,9 @@ The ICM search is accounted by running the real search loop
 (`icm_jax.search.ICMSearch`, Algorithm 1 + 2) against a stand-in model whose
 log-odds per example are fixed random numbers: the loop decides, exactly as
 in a real run, which calls it makes (per iteration: one prediction call that
-scores the sampled example; if the label changes, one call scoring the
-tentative assignment together with the fix options of its first
-inconsistent pair, then one call per further fix round) and with which
+scores the sampled example; if the label changes, Algorithm 2's calls: one
+per inconsistent pair it examines, scoring that pair's consistent options,
+or one scoring the tentative assignment when it is consistent) and with which
 labels, so each call is priced at the shapes it would really have. Only the
 acceptance decisions depend on the stand-in's scores.
 """
