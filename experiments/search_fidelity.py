@@ -36,6 +36,7 @@ flags.DEFINE_integer("num_examples", 12, "claims per task (even: whole pairs)")
 flags.DEFINE_integer("iterations", 25, "annealing iterations per run")
 flags.DEFINE_string("data_dir", "../shared/data/icm", "ICM data files")
 flags.DEFINE_string("out", None, "JSON lines, one per run", required=True)
+flags.DEFINE_bool("table_only", False, "print the table of the runs in --out")
 FLAGS = flags.FLAGS
 
 TEMPLATES = {
@@ -83,6 +84,10 @@ def sentiment_pair_records(num_pairs):
 
 
 def main(_):
+  if FLAGS.table_only:
+    with open(FLAGS.out) as f:
+      print_table([json.loads(line) for line in f])
+    return
   from icm_jax.checkpoints import load_model, smollm2_gguf_path
   from icm_jax.scoring import ScoringConfig
   from icm_jax.scoring.scorer import LOOScorer

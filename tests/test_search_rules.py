@@ -409,3 +409,10 @@ def test_pairs_per_call_changes_calls_not_decisions(tmp_path):
   assert four.score_calls < one.score_calls
   assert (open(tmp_path / "1" / "metrics.jsonl").read() ==
           open(tmp_path / "4" / "metrics.jsonl").read())
+
+
+def test_hard_fix_refuses_a_group_too_large_to_enumerate():
+  cons = Consistency.build(["g"] * 14, [str(k % 3) for k in range(14)], "keyed")
+  with pytest.raises(ValueError, match="search.fix='hard'.*14"):
+    ICMSearch(constant(np.zeros(14)), cons, SearchConfig(fix="hard"))
+  ICMSearch(constant(np.zeros(14)), cons, SearchConfig(fix="official"))

@@ -40,7 +40,8 @@ METRICS_FILE = "metrics.jsonl"
 LABELS_FILE = "labels.jsonl"
 
 
-# The hard fix enumerates every labelling of a group's free labelled members.
+# The hard fix enumerates every labelling of a group's labelled members but
+# the proposed one: 2^12 candidates at most.
 MAX_HARD_FIX_MEMBERS = 12
 
 
@@ -86,6 +87,13 @@ class ICMSearch:
     if config.initial_size > n:
       raise ValueError(f"search.initial_size={config.initial_size} > "
                        f"{n} examples in the batch")
+    if config.fix == "hard" and len(consistency.group):
+      sizes = np.bincount(consistency.group)
+      if sizes.max() > MAX_HARD_FIX_MEMBERS + 1:
+        raise ValueError(
+            f"search.fix='hard' enumerates the labellings of a consistency "
+            f"group: at most {MAX_HARD_FIX_MEMBERS + 1} members, but a group "
+            f"here has {sizes.max()}")
     self.score_fn = score_fn
     self.consistency = consistency
     self.config = config
@@ -215,11 +223,6 @@ class ICMSearch:
         break
       g = int(cons.group[cons.pair_i[bad][0]])
       free = np.flatnonzero((cons.group == g) & (labels != UNLABELLED) & ~held)
-      if len(free) > MAX_HARD_FIX_MEMBERS:
-        raise SearchError(
-            f"search.fix='hard': consistency group of {self.ids[free[0]]} has "
-            f"{len(free)} labelled members to enumerate (at most "
-            f"{MAX_HARD_FIX_MEMBERS})")
       bits = (np.arange(2 ** len(free))[:, None] >> np.arange(len(free))) & 1
       candidates = np.repeat(labels[None], len(bits), axis=0)
       candidates[:, free] = bits

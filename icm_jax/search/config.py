@@ -31,7 +31,8 @@ class SearchConfig:
     the seed set's real U. "hard": every tentative assignment is made fully
     consistent (I = 0): each group with an inconsistent pair gets its
     best-U consistent assignment, the proposed label held fixed, so only
-    consistent assignments are ever accepted. "unfixed_baseline": this
+    consistent assignments are ever accepted (groups of at most 13 claims).
+    "unfixed_baseline": this
     project's earlier fix (U of the unfixed tentative set is the baseline and
     the fix stops at the first sampled pair that does not beat it); kept to
     reproduce the README's comparison, where it ends comparative tasks
