@@ -8,6 +8,7 @@ that does not reach the brute-force optimum.
 """
 
 import copy
+import dataclasses
 import json
 import itertools
 import os
@@ -104,7 +105,7 @@ def test_main_loop_fix_resolves_the_contradiction_even_when_u_drops():
   groups, keys = pairs_structure(2)
   scorer = constant([3.0, 1.0, 2.0, 2.0])
   search = ICMSearch(scorer, Consistency.build(groups, keys, "comparative"),
-                     SearchConfig(alpha=50.0, initial_size=2))
+                     SearchConfig(alpha=50.0, initial_size=2, fix="official"))
   tentative = np.array([1, 1, 1, 0], np.int8)
   options = np.array([[1, 0, 1, 0], [0, 1, 1, 0]], np.int8)
   u = [e.utility for e in search.evaluate(np.vstack([tentative, options]), "t")]
@@ -123,7 +124,8 @@ def three_bad_pairs_search(**overrides):
   # log-odds (+0.1, -5): setting (1, 0) gains. alpha = 1.
   groups, keys = pairs_structure(3)
   scorer = constant([5.0, 5.0, 5.0, 5.0, 0.1, -5.0])
-  cfg = SearchConfig(**{"alpha": 1.0, "initial_size": 2, **overrides})
+  cfg = SearchConfig(**{"alpha": 1.0, "initial_size": 2, "fix": "official",
+                        **overrides})
   return ICMSearch(scorer, Consistency.build(groups, keys, "comparative"), cfg)
 
 
@@ -153,7 +155,7 @@ def test_fix_applies_an_option_that_ties_the_best_u():
   groups, keys = pairs_structure(1)
   search = ICMSearch(constant([1.0, 1.0]),
                      Consistency.build(groups, keys, "comparative"),
-                     SearchConfig(alpha=1.0, initial_size=2))
+                     SearchConfig(alpha=1.0, initial_size=2, fix="official"))
   labels = np.array([1, 1], np.int8)
   baseline = search.evaluate(labels[None], "t")[0]
   options = search.evaluate(np.array([[1, 0], [0, 1]], np.int8), "t")
@@ -166,13 +168,15 @@ def test_initialisation_fix_is_measured_against_the_seed_set():
   # The same three pairs as seeds: only the improving pair gets fixed.
   search = three_bad_pairs_search(initial_size=6)
   for seed in range(6):
-    search.config = SearchConfig(alpha=1.0, initial_size=6, seed=seed)
+    search.config = SearchConfig(alpha=1.0, initial_size=6, seed=seed,
+                                 fix="official")
     st = search.initial_state()
     labels = st.labels
     assert (labels >= 0).all()
     assert st.current.utility >= search.evaluate(labels[None], "t")[0].utility
     seeded = ICMSearch(search.score_fn, search.consistency,
                        SearchConfig(alpha=1.0, initial_size=6, seed=seed,
+                                    fix="official",
                                     consistency_fix_rounds=0)).initial_state()
     assert st.current.utility >= seeded.current.utility
     # An expensive pair seeded (1, 1) stays so (its options lower U); the
@@ -257,7 +261,7 @@ def test_a_step_fixed_back_to_the_current_labels_is_no_change():
   search = ICMSearch(constant([-0.5, -3.0, -3.0, 3.0]),
                      Consistency.build(groups, keys, "comparative"),
                      SearchConfig(stop_when_converged=True, initial_size=2,
-                                  max_iterations=200))
+                                  max_iterations=200, fix="official"))
   st = state_of(search, [1, 0, 0, 1])
   rng = np.random.default_rng(0)
   proposals = 0
@@ -354,12 +358,16 @@ def biased_pairs(seed, n=24):
   return scorer, Consistency.build(groups, keys, "comparative"), truth
 
 
-def test_comparative_task_ends_consistent_at_the_papers_alpha():
+@pytest.mark.parametrize("fix", [None, "official", "hard"])
+def test_comparative_task_ends_consistent_at_the_papers_alpha(fix):
+  # None: the defaults.
   for seed in range(5):
     scorer, cons, truth = biased_pairs(seed)
     everything_false = np.zeros(len(truth), np.int8)
-    search = ICMSearch(scorer, cons, SearchConfig(seed=seed,
-                                                  max_iterations=300))
+    config = SearchConfig(seed=seed, max_iterations=300)
+    if fix is not None:
+      config = dataclasses.replace(config, fix=fix)
+    search = ICMSearch(scorer, cons, config)
     consistent = np.stack([truth, 1 - truth]).astype(np.int8)
     u_false = search.evaluate(everything_false[None], "t")[0].utility
     assert u_false > max(e.utility for e in search.evaluate(consistent, "t"))
@@ -401,7 +409,8 @@ def test_pairs_per_call_changes_calls_not_decisions(tmp_path):
   runs = {}
   for per_call in (1, 4):
     search = ICMSearch(scorer, cons, SearchConfig(
-        seed=5, max_iterations=120, fix_pairs_per_call=per_call))
+        seed=5, max_iterations=120, fix="official",
+        fix_pairs_per_call=per_call))
     runs[per_call] = search.run(str(tmp_path / str(per_call)), progress=False)
   one, four = runs[1], runs[4]
   assert np.array_equal(one.labels, four.labels)
