@@ -21,6 +21,8 @@ class SearchConfig:
     "paper": T0 / (1 + decay ln n) at iteration n >= 1; "exp": T0 * decay^flips.
     All floored at final_temperature. "flips" counts accepted changes.
   fix: Algorithm 2, the consistency fix of each tentative assignment.
+    "hard" is the default: "official" left seeded contradictions in place on
+    real comparative runs at the paper's alpha (README, search section).
     "official" (github Jiaxin-Wen/Unsupervised-Elicitation, ICM.py
     `fix_inconsistency`): in the main loop the first inconsistent pair
     examined is resolved whatever it costs (the official code passes a dummy
@@ -55,7 +57,7 @@ class SearchConfig:
   initial_temperature: float = 10.0
   final_temperature: float = 0.01
   decay: float = 0.99
-  fix: str = "official"
+  fix: str = "hard"
   consistency_fix_rounds: int = 10
   fix_pairs_per_call: int = 1
   unlabelled_group_weight: float = 100.0
