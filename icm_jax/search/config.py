@@ -34,11 +34,10 @@ class SearchConfig:
     consistent (I = 0): each group with an inconsistent pair gets its
     best-U consistent assignment, the proposed label held fixed, so only
     consistent assignments are ever accepted (groups of at most 13 claims).
-    "unfixed_baseline": this
-    project's earlier fix (U of the unfixed tentative set is the baseline and
+    "unfixed_baseline": this project's earlier fix (U of the unfixed tentative set is the baseline and
     the fix stops at the first sampled pair that does not beat it); kept to
     reproduce the README's comparison, where it ends comparative tasks
-    all-one-label and fully inconsistent.
+    mostly one label with most labelled pairs inconsistent.
   fix_pairs_per_call: inconsistent pairs whose options go to the scorer in
     one call during the official fix's walk (the decisions do not depend on
     it: more pairs per call means fewer calls, some of them wasted).
