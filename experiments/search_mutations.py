@@ -15,7 +15,9 @@ M={
  "U = aP + I": ("utility = self.config.alpha * p - inconsistency", "utility = self.config.alpha * p + inconsistency"),
  "fix always applies best": ("if utility[c] >= best:", "if True:"),
  ">= becomes >": ("if utility[c] >= best:", "if utility[c] > best:"),
- "skip the fix": ("    return self._fix_official(labels, current, rng, what)", "    return labels, (current or self.evaluate(labels[None], what)[0])"),
+ "skip the official fix": ("    return self._fix_official(labels, current, rng, what)", "    return labels, (current or self.evaluate(labels[None], what)[0])"),
+ "skip the hard fix": ("      return self._fix_hard(labels, keep, what)", "      return labels, (current or self.evaluate(labels[None], what)[0])"),
+ "hard fix picks the worst": ("      c = int(np.argmax([e.utility for e in evaluations]))\n      labels, current = candidates[c], evaluations[c]\n    if current is None:\n      current = self.evaluate(labels[None], what)[0]\n    return labels, current\n\n  def _fix_unfixed", "      c = int(np.argmin([e.utility for e in evaluations]))\n      labels, current = candidates[c], evaluations[c]\n    if current is None:\n      current = self.evaluate(labels[None], what)[0]\n    return labels, current\n\n  def _fix_unfixed"),
  "flip delta sign": ("delta = evaluation.utility - st.current.utility", "delta = st.current.utility - evaluation.utility"),
  "no forced resolution": ("best = -math.inf if current is None else current.utility", "best = (self.evaluate(labels[None], what)[0].utility if current is None else current.utility)"),
  "stop at first pair": ("        if applied is not None:\n          break\n      if applied is None:", "        break\n      if applied is None:"),
@@ -25,7 +27,7 @@ M={
 for name,(a,b) in M.items():
  try:
   if a is None:
-    open(CP,'w').write(config_orig.replace('fix: str = "official"','fix: str = "unfixed_baseline"'))
+    open(CP,'w').write(config_orig.replace('fix: str = "hard"','fix: str = "unfixed_baseline"'))
   else:
     assert orig.count(a)==1, name
     open(P,'w').write(orig.replace(a,b))
