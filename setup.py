@@ -13,12 +13,14 @@ setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     python_requires=">=3.11",
-    # The bundled TruthfulQA split is a data-only (namespace) package, named
-    # here so setuptools ships it (MANIFEST.in lists it for sdists).
+    # The bundled data (TruthfulQA split, sentiment demo task) are data-only
+    # (namespace) packages, named here so setuptools ships them (MANIFEST.in
+    # lists them for sdists).
     packages=(find_packages(include=["icm_jax", "icm_jax.*"]) +
-              ["icm_jax.tasks.data.truthfulqa"]),
+              ["icm_jax.tasks.data.truthfulqa", "icm_jax.tasks.data.sentiment"]),
     include_package_data=True,
-    package_data={"icm_jax.tasks.data.truthfulqa": ["*.json", "*.md"]},
+    package_data={"icm_jax.tasks.data.truthfulqa": ["*.json", "*.md"],
+                  "icm_jax.tasks.data.sentiment": ["*.json", "*.md"]},
     install_requires=[
         JAX,
         "flax>=0.12.8,<0.13",
@@ -51,6 +53,9 @@ setup(
             TPU_JAX + "; platform_system == 'Linux' and "
             "platform_machine == 'x86_64'",
             "torch==2.13.0",
+            # The sentiment task's lexicon, to check the bundled files are
+            # what experiments/build_sentiment_task.py writes.
+            "textblob==0.20.1",
             "pytest>=8",
             # Independent reader for our TensorBoard event files.
             "tensorboard>=2.16",

@@ -91,9 +91,8 @@ def model_scorer_factory(model_config, params, scoring_config, mesh=None):
   from icm_jax.scoring.scorer import LOOScorer
 
   def build(tokens: ExampleTokens, examples: Sequence[Example]):
-    del examples
-    return LOOScorer(model_config, params, tokens, scoring_config,
-                     mesh=mesh).score
+    return LOOScorer(model_config, params, tokens, scoring_config, mesh=mesh,
+                     groups=[e.group for e in examples]).score
   return build
 
 

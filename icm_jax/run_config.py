@@ -38,7 +38,15 @@ from icm_jax.training.config import TrainConfig
 
 STAGES = ("label", "train", "eval")
 EVAL_METHODS = ("zero_shot", "many_shot_gold", "many_shot_icm",
-                "finetune_gold", "finetune_icm", "finetune_random")
+                "many_shot_random", "bootstrap_consistent",
+                "icm_no_consistency", "finetune_gold", "finetune_icm",
+                "finetune_random")
+# icm_no_consistency is not a default: it is a second search per seed.
+DEFAULT_EVAL_METHODS = tuple(m for m in EVAL_METHODS
+                             if m != "icm_no_consistency")
+# Methods whose row is measured once per label seed.
+SEEDED_METHODS = ("many_shot_icm", "many_shot_random", "icm_no_consistency",
+                  "finetune_icm")
 MODEL_DTYPES = ("float32", "bfloat16")
 
 
@@ -56,6 +64,9 @@ def default_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.stages = ",".join(STAGES)
   c.seed = 0
+  # Label seeds: "" = one search with search.seed; "0,1,2" runs the label
+  # stage once per seed (search.seed = each) and reports mean ± sd.
+  c.seeds = ""
   c.task = ml_collections.ConfigDict({"name": "truthfulqa"})
   c.data = ml_collections.ConfigDict(dict(
       train="",          # records file or "tfds:<name>/<split>"; "" = bundled
@@ -94,10 +105,11 @@ def default_config() -> ml_collections.ConfigDict:
   c.train = _dataclass_section(TrainConfig)
   c.train.export_hf = True     # write the ICM-fine-tuned model as an HF dir
   c.eval = ml_collections.ConfigDict(dict(
-      methods=",".join(EVAL_METHODS),
+      methods=",".join(DEFAULT_EVAL_METHODS),
       max_context=0,     # many-shot budget in tokens; 0 = model.max_context
       batch_size=8,
       demo_seed=0,       # order in which train examples are tried as demos
+      bootstrap_rounds=3,  # bootstrap_consistent: many-shot relabelling rounds
   ))
   c.log = ml_collections.ConfigDict(dict(progress=True, tensorboard=True))
   return c
@@ -132,7 +144,9 @@ class RunConfig:
   iterative: bool
   train: TrainConfig
   export_hf: bool
+  seeds: Tuple[int, ...]
   eval_methods: Tuple[str, ...]
+  bootstrap_rounds: int
   eval_max_context: int
   eval_batch_size: int
   demo_seed: int
@@ -180,6 +194,33 @@ def _positive_int(value, key: str, allow_zero: bool = False) -> int:
     raise ConfigError(f"{key}={value!r} must be a "
                       f"{'non-negative' if allow_zero else 'positive'} int")
   return value
+
+
+def _seeds(value, search_seed: int) -> Tuple[int, ...]:
+  """"" -> (search.seed,); "0,1,2" / an int / a list -> distinct ints."""
+  if value is None or value == "":
+    return (search_seed,)
+  if isinstance(value, int) and not isinstance(value, bool):
+    items = [value]
+  elif isinstance(value, str):
+    items = [s.strip() for s in value.split(",")]
+  elif isinstance(value, (list, tuple)):
+    items = list(value)
+  else:
+    raise ConfigError(f"seeds={value!r} must be comma-separated ints")
+  seeds = []
+  for item in items:
+    try:
+      seed = int(item)
+      if isinstance(item, bool) or str(seed) != str(item).strip() or seed < 0:
+        raise ValueError
+    except (TypeError, ValueError):
+      raise ConfigError(f"seeds={value!r}: {item!r} is not a non-negative "
+                        "int") from None
+    seeds.append(seed)
+  if len(set(seeds)) != len(seeds):
+    raise ConfigError(f"seeds={value!r} repeats a seed")
+  return tuple(seeds)
 
 
 def parse_config(config: ml_collections.ConfigDict) -> RunConfig:
@@ -239,6 +280,10 @@ def parse_config(config: ml_collections.ConfigDict) -> RunConfig:
     raise ConfigError(f"label.label_rule={label.label_rule!r} not in "
                       "('exact', 'variants')")
   methods = _csv(config.eval.methods, "eval.methods", EVAL_METHODS)
+  _positive_int(config.eval.bootstrap_rounds, "eval.bootstrap_rounds",
+                allow_zero=True)
+  seeds = _seeds(config.get("seeds", ""), search.seed)
+  search = dataclasses.replace(search, seed=seeds[0])
   _positive_int(config.eval.max_context, "eval.max_context", allow_zero=True)
   _positive_int(config.eval.batch_size, "eval.batch_size")
   return RunConfig(
@@ -246,7 +291,9 @@ def parse_config(config: ml_collections.ConfigDict) -> RunConfig:
       mesh=mesh, scoring=scoring, search=search,
       label_batch_size=label.batch_size, label_rule=label.label_rule,
       iterative=bool(label.iterative), train=train, export_hf=export_hf,
-      eval_methods=methods, eval_max_context=int(config.eval.max_context),
+      seeds=seeds, eval_methods=methods,
+      bootstrap_rounds=int(config.eval.bootstrap_rounds),
+      eval_max_context=int(config.eval.max_context),
       eval_batch_size=int(config.eval.batch_size),
       demo_seed=int(config.eval.demo_seed),
       progress=bool(config.log.progress),

@@ -24,7 +24,8 @@ def test_colab_demo_notebook_runs(tmp_path, monkeypatch):
   monkeypatch.setenv("ICM_DEMO_TRAIN_CLAIMS", "8")
   monkeypatch.setenv("ICM_DEMO_TEST_CLAIMS", "8")
   monkeypatch.setenv("ICM_DEMO_ITERATIONS", "4")
-  monkeypatch.setenv("ICM_DEMO_METHODS", "zero_shot,many_shot_icm,finetune_icm")
+  monkeypatch.setenv("ICM_DEMO_METHODS",
+                     "zero_shot,many_shot_icm,bootstrap_consistent")
   monkeypatch.setenv("ICM_DEMO_WORKDIR", str(workdir))
   monkeypatch.setenv("JAX_PLATFORMS", "cpu")
   monkeypatch.delenv("XLA_FLAGS", raising=False)
@@ -40,7 +41,7 @@ def test_colab_demo_notebook_runs(tmp_path, monkeypatch):
   assert len(images) == 2   # accuracy bars + annealing trajectory
   report = json.load(open(workdir / "report.json"))
   assert [r["method"] for r in report["results"]] == [
-      "zero_shot", "many_shot_icm", "finetune_icm"]
-  # The first whole question groups with at most 8 claims.
+      "zero_shot", "many_shot_icm", "bootstrap_consistent"]
+  # The first whole word pairs with at most 8 claims.
   assert 0 < report["num_test"] <= 8
   assert all(r["num_examples"] == report["num_test"] for r in report["results"])

@@ -233,9 +233,13 @@ def test_report_round_trip(tmp_path):
   assert os.listdir(tmp_path / "out") == ["report.json"]  # no temp left
   table = format_table([a, b]).splitlines()
   assert len(table) == 4
-  assert table[2].split("|")[1:6] == [" zero_shot ", " 0.750 (3) ", " 4 ",
-                                      " 0 ", " 0.500 "]
-  with pytest.raises(ValueError, match="duplicate methods"):
+  # method | seeds | consistent accuracy | accuracy | AUC | predicted True |
+  # n | demos
+  assert table[2].split("|")[1:9] == [" zero_shot ", " - ", " 0.750 ",
+                                      " 0.750 ", " 1.000 ", " 0.500 ", " 4 ",
+                                      " 0 "]
+  assert written["summary"][0]["mean"]["accuracy"] == 0.75
+  with pytest.raises(ValueError, match="duplicate"):
     write_report(path, [a, a])
   (tmp_path / "bad.json").write_text("{")
   with pytest.raises(ValueError, match="bad.json: not valid JSON"):

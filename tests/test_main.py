@@ -11,8 +11,9 @@ import pytest
 from conftest import smollm2_gguf_path
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-METHODS = ("zero_shot", "many_shot_gold", "many_shot_icm", "finetune_gold",
-           "finetune_icm", "finetune_random")
+METHODS = ("zero_shot", "many_shot_gold", "many_shot_icm", "many_shot_random",
+           "bootstrap_consistent", "finetune_gold", "finetune_icm",
+           "finetune_random")
 
 pytestmark = pytest.mark.skipif(
     smollm2_gguf_path() is None,
@@ -60,8 +61,15 @@ def test_tiny_run_writes_labels_report_and_plots(tiny_run):
     assert r["num_examples"] == report["num_test"]
     assert r["accuracy"] == pytest.approx(r["num_correct"] / r["num_examples"])
   assert results["many_shot_gold"]["num_demonstrations"] > 0
-  assert (results["many_shot_gold"]["num_demonstrations"] ==
-          results["many_shot_icm"]["num_demonstrations"])
+  for method in ("many_shot_icm", "many_shot_random", "bootstrap_consistent"):
+    assert (results["many_shot_gold"]["num_demonstrations"] ==
+            results[method]["num_demonstrations"])
+  # TruthfulQA has no consistency: decoding is thresholding, the headline
+  # is accuracy.
+  assert report["headline"] == "accuracy"
+  for r in results.values():
+    assert r["consistent_accuracy"] == r["accuracy"]
+    assert r["auc"] is None or 0.0 <= r["auc"] <= 1.0
   for png in ("accuracy.png", "search_trajectory.png"):
     assert _is_png(os.path.join(workdir, png))
   events = os.listdir(os.path.join(workdir, "tensorboard"))
@@ -130,6 +138,12 @@ def test_eval_stage_alone_reuses_labels_and_finetuned_models(tiny_run,
     ("--config.stages=label,fly", "stages"),
     ("--config.train.learning_rate=-1", "train.learning_rate"),
     ("--config.model.attention=flash", "model.attention"),
+    ("--config.seeds=0,x", "seeds"),
+    ("--config.seeds=1,1", "seeds"),
+    ("--config.scoring.context=leave_pair_out", "scoring.context"),
+    ("--config.search.objective=calibrated", "search.objective"),
+    ("--config.eval.bootstrap_rounds=-1", "eval.bootstrap_rounds"),
+    ("--config.eval.methods=zero_shot,many_shot_coin", "eval.methods"),
 ])
 def test_bad_config_values_exit_naming_the_key(override, key, tmp_path):
   proc = _main("--config=configs/tiny.py", f"--workdir={tmp_path}", override)
@@ -215,3 +229,65 @@ def test_iterative_labelling_fine_tunes_between_batches(tmp_path):
     scores = scorer.score(final)   # [N]: every example given the others
     close = np.allclose(scores.log_p_true, logged, atol=1e-4)
     assert close == should_match
+
+
+def test_seeds_run_one_search_per_seed_and_report_mean_sd(tmp_path):
+  """Sentiment pairs (comparative), two label seeds, every method that reads
+  the label stage; then the eval stage alone reads the same labels back."""
+  methods = ("zero_shot,many_shot_gold,many_shot_icm,many_shot_random,"
+             "bootstrap_consistent,icm_no_consistency")
+  common = ("--config=configs/tiny.py", "--config.task.name=sentiment",
+            "--config.seeds=3,5", f"--config.eval.methods={methods}",
+            "--config.eval.bootstrap_rounds=1")
+  proc = _main(*common, f"--workdir={tmp_path}",
+               "--config.stages=label,eval")
+  assert proc.returncode == 0, proc.stderr[-6000:]
+  from icm_jax.search.consistency import Consistency
+  from icm_jax.tasks import bundled_path, get_task, load_examples
+  train = load_examples(get_task("sentiment"),
+                        bundled_path("sentiment", "train"))[:16]
+  rule = Consistency.build([e.group for e in train], [e.key for e in train],
+                           "comparative")
+  labels = {}
+  for variant, folder in (("icm", ""), ("none", "no_consistency")):
+    for seed in (3, 5):
+      path = os.path.join(tmp_path, "label", folder, f"seed_{seed:03d}",
+                          "labels.jsonl")
+      rows = [json.loads(line) for line in open(path)]
+      assert [r["id"] for r in rows] == [e.id for e in train]
+      labels[variant, seed] = np.array(
+          [-1 if r["label"] is None else r["label"] for r in rows])
+  # The hard fix never leaves a contradiction; the seeds search differently.
+  assert all(rule.count(labels["icm", s]) == 0 for s in (3, 5))
+  assert not np.array_equal(labels["icm", 3], labels["icm", 5])
+  # The ablation's search saw no consistency: I(D) is 0 in every record
+  # although its labels need not be consistent.
+  for seed in (3, 5):
+    metrics = os.path.join(tmp_path, "label", "no_consistency",
+                           f"seed_{seed:03d}", "batch_000", "metrics.jsonl")
+    assert all(json.loads(line)["I"] == 0 for line in open(metrics))
+  report = json.load(open(os.path.join(tmp_path, "report.json")))
+  assert report["headline"] == "consistent_accuracy"
+  assert report["seeds"] == [3, 5]
+  rows = [(r["method"], r["seed"]) for r in report["results"]]
+  assert rows == [("zero_shot", None), ("many_shot_gold", None),
+                  ("many_shot_icm", 3), ("many_shot_icm", 5),
+                  ("many_shot_random", 3), ("many_shot_random", 5),
+                  ("bootstrap_consistent", None),
+                  ("icm_no_consistency", 3), ("icm_no_consistency", 5)]
+  summary = {s["method"]: s for s in report["summary"]}
+  icm = [r["consistent_accuracy"] for r in report["results"]
+         if r["method"] == "many_shot_icm"]
+  assert summary["many_shot_icm"]["mean"]["consistent_accuracy"] == (
+      pytest.approx(np.mean(icm)))
+  assert summary["many_shot_icm"]["sd"]["consistent_accuracy"] == (
+      pytest.approx(np.std(icm, ddof=1)))
+  boot = next(r for r in report["results"]
+              if r["method"] == "bootstrap_consistent")
+  assert len(boot["extra"]["train_gold_agreement_by_round"]) == 2
+  assert "± " in proc.stderr  # the logged table shows mean ± sd
+  # The eval stage alone reads every seed's labels back: same rows.
+  proc = _main(*common, f"--workdir={tmp_path}", "--config.stages=eval")
+  assert proc.returncode == 0, proc.stderr[-4000:]
+  again = json.load(open(os.path.join(tmp_path, "report.json")))
+  assert again["results"] == report["results"]

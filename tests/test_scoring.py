@@ -192,3 +192,44 @@ def test_bad_labels_rejected(params):
     scorer.score(np.array([0, 1, 2, 0]))
   with pytest.raises(ValueError, match="cover 3 examples"):
     scorer.score(np.array([0, 1, 0]))
+
+
+def leave_group_out_reference(params, ex, labels, groups, i):
+  """exact_reference with every claim of i's group out of the prompt."""
+  hidden = [y if groups[j] != groups[i] else -1 for j, y in enumerate(labels)]
+  return exact_reference(params, ex, hidden, i)
+
+
+@pytest.mark.parametrize("prefix_sharing", [False, True])
+def test_leave_group_out_equals_naive_prompts(params, prefix_sharing):
+  ex = make_examples(9, header_len=2, seed=3)
+  groups = ["a", "a", "b", "c", "c", "c", "d", "b", "e"]
+  labels = np.array([[1, 0, -1, 1, 1, -1, 0, 0, 1],
+                     [0, 0, 1, -1, 1, 0, 1, 1, -1]])
+  queries = np.ones_like(labels, bool)
+  queries[1, 4] = False  # a chosen subset stays NaN elsewhere
+  out = LOOScorer(CFG, params, ex, ScoringConfig(
+      "exact", rows_per_chunk=4, prefix_sharing=prefix_sharing,
+      context="leave_group_out"), groups=groups).score(labels, queries)
+  for c in range(2):
+    for i in range(9):
+      if not queries[c, i]:
+        assert np.isnan(out.log_p_false[c, i])
+        continue
+      ref = leave_group_out_reference(params, ex, labels[c], groups, i)
+      np.testing.assert_allclose(out.log_p_false[c, i], ref[0], atol=1e-4)
+      np.testing.assert_allclose(out.log_p_true[c, i], ref[1], atol=1e-4)
+  # The group's other claims were really removed: leave-one-out differs
+  # for a claim whose group-mate is labelled.
+  loo = LOOScorer(CFG, params, ex, ScoringConfig("exact")).score(labels[0])
+  assert abs(float(loo.s[0]) - float(out.s[0, 0])) > 1e-4
+  # Singleton groups have nothing else to leave out.
+  np.testing.assert_allclose(loo.s[8], out.s[0, 8], atol=1e-4)
+
+
+def test_leave_group_out_needs_groups(params):
+  ex = make_examples(3)
+  with pytest.raises(ValueError, match="leave_group_out"):
+    LOOScorer(CFG, params, ex, ScoringConfig(context="leave_group_out"))
+  with pytest.raises(ValueError, match="scoring.context"):
+    ScoringConfig(context="leave_pair_out")

@@ -15,44 +15,58 @@ from typing import Mapping, Sequence, Union
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from icm_jax.evaluation.report import MethodResult
+from icm_jax.evaluation.report import MethodResult, summarize
 
 # Keys every search metrics record must have to be plotted.
 _REQUIRED_KEYS = ("iteration", "U")
 
 
 def plot_accuracy_bars(results: Sequence[MethodResult], path: str,
-                       title: str = "") -> str:
-  """One bar per method with its test accuracy; chance (0.5) dashed.
+                       title: str = "", metric: str = "accuracy") -> str:
+  """One bar per method: `metric`'s mean over its seeds, with a ±1 sd error
+  bar where a method has several seeds; chance (0.5) dashed.
 
   The number of test examples goes in the axis label (per bar when methods
   were measured on different numbers). Returns `path`.
   """
   if not results:
     raise ValueError("plot_accuracy_bars: no results to plot")
-  fig = Figure(figsize=(max(4.0, 1.3 * len(results) + 1.5), 4.0))
+  if metric not in ("accuracy", "consistent_accuracy"):
+    raise ValueError(f"plot_accuracy_bars: metric {metric!r} is not an "
+                     "accuracy")
+  rows = summarize(results)
+  fig = Figure(figsize=(max(4.0, 1.3 * len(rows) + 1.5), 4.0))
   FigureCanvasAgg(fig)
   ax = fig.add_subplot()
-  names = [r.method for r in results]
-  accuracies = [r.accuracy for r in results]
-  colors = [f"C{i % 10}" for i in range(len(results))]
-  bars = ax.bar(range(len(results)), accuracies, color=colors)
-  for bar, r in zip(bars, results):
-    ax.annotate(f"{r.accuracy:.3f}", (bar.get_x() + bar.get_width() / 2,
-                                      bar.get_height()),
+  names = [r.method for r in rows]
+  means = [r.mean[metric] for r in rows]
+  errors = [r.sd[metric] if len(r.seeds) > 1 else 0.0 for r in rows]
+  colors = [f"C{i % 10}" for i in range(len(rows))]
+  bars = ax.bar(range(len(rows)), means, color=colors, yerr=errors,
+                capsize=4, ecolor="black")
+  for bar, r, err in zip(bars, rows, errors):
+    text = f"{r.mean[metric]:.3f}"
+    if len(r.seeds) > 1:
+      text += f"\n±{err:.3f}"
+    ax.annotate(text, (bar.get_x() + bar.get_width() / 2,
+                       bar.get_height() + err),
                 xytext=(0, 3), textcoords="offset points", ha="center",
-                va="bottom", fontsize=9)
+                va="bottom", fontsize=8)
   ax.axhline(0.5, color="gray", linestyle="--", linewidth=1, label="chance")
-  sizes = sorted({r.num_examples for r in results})
+  label = "group-consistent accuracy" if metric != "accuracy" else "accuracy"
+  seeds = max(len(r.seeds) for r in rows)
+  if seeds > 1:
+    label += f" (mean ± sd, {seeds} seeds)"
+  sizes = sorted({r.num_examples for r in rows})
   if len(sizes) == 1:
-    ax.set_xticks(range(len(results)), names, rotation=20, ha="right")
-    ax.set_ylabel(f"test accuracy (n = {sizes[0]})")
+    ax.set_xticks(range(len(rows)), names, rotation=20, ha="right")
+    ax.set_ylabel(f"test {label}\n(n = {sizes[0]})")
   else:
-    ax.set_xticks(range(len(results)),
-                  [f"{r.method}\n(n = {r.num_examples})" for r in results],
+    ax.set_xticks(range(len(rows)),
+                  [f"{r.method}\n(n = {r.num_examples})" for r in rows],
                   rotation=20, ha="right")
-    ax.set_ylabel("test accuracy")
-  ax.set_ylim(0.0, 1.0)
+    ax.set_ylabel(f"test {label}")
+  ax.set_ylim(0.0, 1.1)
   ax.legend(loc="upper left", fontsize=8)
   if title:
     ax.set_title(title)

@@ -1,9 +1,13 @@
 """Accuracy rows per method and the run's report.json.
 
-Each evaluated method (zero-shot, many-shot with gold/ICM labels, fine-tuned
-on gold/ICM/random labels) becomes one `MethodResult`: accuracy against gold
-plus the fraction predicted True, which exposes a method that "wins" by
-always answering one label on a skewed test set.
+Each evaluated method (zero-shot, many-shot with gold/ICM/random labels, the
+bootstrap baseline, fine-tuned on gold/ICM/random labels) becomes one
+`MethodResult` per label seed: accuracy thresholded at 0, the accuracy of
+group-consistent decoding (`decoding.group_consistent_labels`), the AUC of the
+log-odds, and the fraction predicted True, which exposes a method that "wins"
+by always answering one label. `summarize` folds the seeds of a method into
+mean and sample sd; the headline is `consistent_accuracy` for keyed and
+comparative tasks and `accuracy` for tasks without consistency.
 """
 
 from __future__ import annotations
@@ -12,9 +16,11 @@ import dataclasses
 import json
 import os
 import tempfile
-from typing import Sequence
+from typing import Optional, Sequence
 
 import numpy as np
+
+from icm_jax.evaluation.decoding import group_consistent_labels, roc_auc
 
 
 @dataclasses.dataclass
@@ -27,6 +33,10 @@ class MethodResult:
   num_correct: int
   predicted_true_fraction: float
   num_demonstrations: int = 0
+  # Group-consistent decoding (equals `accuracy` for consistency "none").
+  consistent_accuracy: Optional[float] = None
+  auc: Optional[float] = None   # None when the test gold holds one class
+  seed: Optional[int] = None    # label seed of ICM-derived rows
   extra: dict = dataclasses.field(default_factory=dict)  # free-form
 
   @classmethod
@@ -43,11 +53,14 @@ class MethodResult:
 
 
 def method_result(method: str, log_p_false, log_p_true, gold,
-                  **kw) -> MethodResult:
+                  consistency=None, **kw) -> MethodResult:
   """Prediction = log_p_true > log_p_false (ties predict False); gold is 0/1.
 
-  `kw` sets num_demonstrations and/or extra. Raises ValueError on mismatched
-  lengths, no examples, non-finite log-probs or gold labels other than 0/1.
+  consistency: (groups, keys, kind) of the examples, for group-consistent
+  decoding; without it consistent_accuracy is the thresholded accuracy.
+  `kw` sets num_demonstrations, seed and/or extra. Raises ValueError on
+  mismatched lengths, no examples, non-finite log-probs or gold labels other
+  than 0/1.
   """
   log_p_false = np.asarray(log_p_false, np.float64).ravel()
   log_p_true = np.asarray(log_p_true, np.float64).ravel()
@@ -69,11 +82,55 @@ def method_result(method: str, log_p_false, log_p_true, gold,
     raise ValueError(f"{method}: non-finite log-probs at position {first} "
                      f"({log_p_false[first]}, {log_p_true[first]})")
   predicted = (log_p_true > log_p_false).astype(np.int64)
-  correct = int((predicted == gold.astype(np.int64)).sum())
+  gold = gold.astype(np.int64)
+  correct = int((predicted == gold).sum())
   n = len(gold)
+  consistent = predicted
+  if consistency is not None:
+    groups, keys, kind = consistency
+    consistent = group_consistent_labels(log_p_false, log_p_true, groups,
+                                         keys, kind)
   return MethodResult(method=method, accuracy=correct / n, num_examples=n,
                       num_correct=correct,
-                      predicted_true_fraction=float(predicted.mean()), **kw)
+                      predicted_true_fraction=float(predicted.mean()),
+                      consistent_accuracy=float((consistent == gold).mean()),
+                      auc=roc_auc(log_p_true - log_p_false, gold), **kw)
+
+
+METRICS = ("accuracy", "consistent_accuracy", "auc", "predicted_true_fraction")
+
+
+@dataclasses.dataclass
+class MethodSummary:
+  """One method over its seeds: metric -> (mean, sample sd; 0 for one seed)."""
+
+  method: str
+  num_examples: int
+  num_demonstrations: int
+  seeds: list
+  mean: dict
+  sd: dict
+
+
+def summarize(results: Sequence[MethodResult]) -> list[MethodSummary]:
+  """Rows of the same method (one per seed) as mean ± sd, in first-seen order."""
+  by_method = {}
+  for r in results:
+    by_method.setdefault(r.method, []).append(r)
+  out = []
+  for method, rows in by_method.items():
+    mean, sd = {}, {}
+    for metric in METRICS:
+      values = [getattr(r, metric) for r in rows]
+      if any(v is None for v in values):
+        mean[metric] = sd[metric] = None
+        continue
+      mean[metric] = float(np.mean(values))
+      sd[metric] = float(np.std(values, ddof=1)) if len(values) > 1 else 0.0
+    out.append(MethodSummary(method, rows[0].num_examples,
+                             rows[0].num_demonstrations,
+                             [r.seed for r in rows], mean, sd))
+  return out
 
 
 def write_report(path: str, results: Sequence[MethodResult],
@@ -81,11 +138,15 @@ def write_report(path: str, results: Sequence[MethodResult],
   """Writes {"results": [...], **metadata} as JSON atomically; returns it."""
   if "results" in metadata:
     raise ValueError("metadata key 'results' is reserved for the method rows")
-  methods = [r.method for r in results]
-  duplicates = sorted({m for m in methods if methods.count(m) > 1})
+  if "summary" in metadata:
+    raise ValueError("metadata key 'summary' is reserved for the seed means")
+  rows = [(r.method, r.seed) for r in results]
+  duplicates = sorted({m for m in rows if rows.count(m) > 1}, key=str)
   if duplicates:
-    raise ValueError(f"report has duplicate methods {duplicates}")
-  report = {"results": [dataclasses.asdict(r) for r in results], **metadata}
+    raise ValueError(f"report has duplicate (method, seed) rows {duplicates}")
+  report = {"results": [dataclasses.asdict(r) for r in results],
+            "summary": [dataclasses.asdict(s) for s in summarize(results)],
+            **metadata}
   text = json.dumps(report, indent=2, allow_nan=False, default=_json_default)
   folder = os.path.dirname(os.path.abspath(path))
   os.makedirs(folder, exist_ok=True)
@@ -120,14 +181,27 @@ def results_of(report: dict) -> list[MethodResult]:
 
 
 def format_table(results: Sequence[MethodResult]) -> str:
-  """A markdown table: method | accuracy | n | demos | predicted True."""
-  lines = ["| method | accuracy | n | demos | predicted True |",
-           "|---|---:|---:|---:|---:|"]
-  for r in results:
-    lines.append(f"| {r.method} | {r.accuracy:.3f} ({r.num_correct}) | "
-                 f"{r.num_examples} | {r.num_demonstrations} | "
-                 f"{r.predicted_true_fraction:.3f} |")
+  """A markdown table of `summarize(results)`: mean ± sd over seeds of the
+  group-consistent accuracy, accuracy at 0, AUC and fraction predicted True."""
+  lines = ["| method | seeds | consistent accuracy | accuracy | AUC | "
+           "predicted True | n | demos |",
+           "|---|---:|---:|---:|---:|---:|---:|---:|"]
+  for s in summarize(results):
+    cells = [_mean_sd(s, m, len(s.seeds)) for m in (
+        "consistent_accuracy", "accuracy", "auc", "predicted_true_fraction")]
+    seeds = ",".join("-" if x is None else str(x) for x in s.seeds)
+    lines.append(f"| {s.method} | {seeds} | " + " | ".join(cells) +
+                 f" | {s.num_examples} | {s.num_demonstrations} |")
   return "\n".join(lines)
+
+
+def _mean_sd(summary: MethodSummary, metric: str, count: int) -> str:
+  mean = summary.mean[metric]
+  if mean is None:
+    return "n/a"
+  if count == 1:
+    return f"{mean:.3f}"
+  return f"{mean:.3f} ± {summary.sd[metric]:.3f}"
 
 
 def _json_default(value):
@@ -140,5 +214,6 @@ def _json_default(value):
                   f"serialisable: {value!r}")
 
 
-__all__ = ["MethodResult", "method_result", "write_report", "read_report",
-           "results_of", "format_table"]
+__all__ = ["METRICS", "MethodResult", "MethodSummary", "method_result",
+           "summarize", "write_report", "read_report", "results_of",
+           "format_table"]

@@ -25,7 +25,7 @@ import ml_collections
 import numpy as np
 
 from icm_jax.labelling import gold_agreement
-from icm_jax.pipeline.eval_stage import run_eval_stage
+from icm_jax.pipeline.eval_stage import needed_variants, run_eval_stage
 from icm_jax.pipeline.inputs import load_inputs, load_model_for_run
 from icm_jax.pipeline.label_stage import (LABEL_DIR, labels_path, read_labels,
                                           run_label_stage)
@@ -73,52 +73,72 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
                        enabled=writer and cfg.tensorboard)
   outputs = {}
   finetuned_cache = {}
+  multi_seed = len(cfg.seeds) > 1
 
-  def finetuned(source: str, icm_labels=None, name: Optional[str] = None):
+  def layout_seed(seed):  # the single-seed layout has no seed_NNN/ folder
+    return seed if multi_seed else None
+
+  def finetuned(source: str, labels=None, name: Optional[str] = None):
     name = name or source
     if name not in finetuned_cache:
-      examples, labels = training_labels(source, inputs.train, icm_labels,
-                                         cfg.seed)
+      examples, targets = training_labels(source, inputs.train, labels,
+                                          cfg.seed)
       finetuned_cache[name] = finetune(cfg, inputs.task, model, mesh, examples,
-                                       labels, name, workdir, events).params
+                                       targets, name, workdir, events).params
     return finetuned_cache[name]
 
-  icm_labels = None
+  def finetuned_on(source: str, seed: Optional[int]):
+    if source != "icm":
+      return finetuned(source)
+    name = "icm" if not multi_seed else f"icm_seed_{seed:03d}"
+    return finetuned("icm", label_sets[("icm", seed)], name=name)
+
+  needed = needed_variants(cfg.eval_methods, inputs.task.consistency)
+  variants = ["icm"] + [v for v in needed if v != "icm"]
+  label_sets = {}
   with events:
     if "label" in cfg.stages:
       t = time.perf_counter()
+      for variant in variants:
+        for seed in cfg.seeds:
+          def iterate(examples, labels, name, seed=seed):
+            found = {e.id: (None if l < 0 else int(l))
+                     for e, l in zip(examples, labels)}
+            suffix = "" if not multi_seed else f"_seed_{seed:03d}"
+            return finetuned("icm", found, name=f"icm{suffix}_{name}")
 
-      def iterate(examples, labels, name):
-        found = {e.id: (None if l < 0 else int(l))
-                 for e, l in zip(examples, labels)}
-        return finetuned("icm", found, name=f"icm_{name}")
-
-      icm_labels = run_label_stage(cfg, inputs, model, mesh, own_dir,
-                                   finetune=iterate)
+          log.info("label stage: %s, seed %d", variant, seed)
+          label_sets[(variant, seed)] = run_label_stage(
+              cfg, inputs, model, mesh, own_dir, finetune=iterate,
+              variant=variant, seed=layout_seed(seed))
       log.info("label stage: %.1f s", time.perf_counter() - t)
-      outputs["labels"] = labels_path(workdir)
+      outputs["labels"] = labels_path(workdir, seed=layout_seed(cfg.seeds[0]))
       _log_search_events(events, os.path.join(own_dir, LABEL_DIR))
     elif {"train", "eval"} & set(cfg.stages):
-      try:
-        icm_labels = read_labels(own_dir)
-      except FileNotFoundError:
-        if "train" in cfg.stages or any(
-            m.endswith("_icm") for m in cfg.eval_methods):
-          raise
+      for variant in variants:
+        for seed in cfg.seeds:
+          try:
+            label_sets[(variant, seed)] = read_labels(
+                own_dir, variant, layout_seed(seed))
+          except FileNotFoundError:
+            if "train" in cfg.stages or variant in needed:
+              raise
     if "train" in cfg.stages:
       t = time.perf_counter()
-      params = finetuned("icm", icm_labels)
-      if cfg.export_hf:
-        outputs["model"] = export_icm_model(model, params, workdir)
+      for seed in cfg.seeds:
+        params = finetuned_on("icm", seed)
+        if cfg.export_hf and seed == cfg.seeds[0]:
+          outputs["model"] = export_icm_model(model, params, workdir)
       log.info("train stage: %.1f s", time.perf_counter() - t)
     if "eval" in cfg.stages:
       t = time.perf_counter()
       metadata = dict(task=inputs.task.name, model=model.description,
-                      stages=list(cfg.stages), icm=_icm_summary(
-                          inputs, icm_labels))
-      run_eval_stage(cfg, inputs, model, mesh, workdir, icm_labels,
-                     lambda source: finetuned(source, icm_labels), writer,
-                     events, metadata)
+                      stages=list(cfg.stages), seeds=list(cfg.seeds),
+                      icm={str(seed): _icm_summary(
+                          inputs, label_sets.get(("icm", seed)))
+                           for seed in cfg.seeds})
+      run_eval_stage(cfg, inputs, model, mesh, workdir, label_sets,
+                     finetuned_on, writer, events, metadata)
       log.info("eval stage: %.1f s", time.perf_counter() - t)
       outputs["report"] = os.path.join(workdir, "report.json")
       outputs["accuracy_plot"] = os.path.join(workdir, "accuracy.png")

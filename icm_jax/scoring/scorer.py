@@ -6,8 +6,9 @@
     scores = scorer.score(candidates)        # [C, N]: C assignments in one call
 
 Row (c, i) scores example i given every other example labelled in assignment
-c. By default every labelled example of each assignment is scored; pass
-`queries` [C, N] bool to choose (e.g. one unlabelled example).
+c (with `context="leave_group_out"`: every labelled example outside i's
+consistency group). By default every labelled example of each assignment is
+scored; pass `queries` [C, N] bool to choose (e.g. one unlabelled example).
 """
 
 from __future__ import annotations
@@ -26,6 +27,10 @@ from icm_jax.scoring.common import example_arrays
 from icm_jax.tokenization import ExampleTokens
 
 MODES = ("exact", "parallel")
+# Which examples leave a query's context: the query itself (the paper's
+# mutual predictability), or its whole consistency group (its swapped twin
+# would otherwise hand it the answer, or the opposite label to copy).
+CONTEXTS = ("leave_one_out", "leave_group_out")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -48,10 +53,15 @@ class ScoringConfig:
   # Exact mode: compute the shared demonstration prefix once per assignment
   # and run only each row's suffix (about half the tokens).
   prefix_sharing: bool = True
+  # leave_group_out: each query is scored without any claim of its group in
+  # context (LOOScorer needs `groups`).
+  context: str = "leave_one_out"
 
   def __post_init__(self):
     if self.mode not in MODES:
       raise ValueError(f"scoring.mode={self.mode!r} not in {MODES}")
+    if self.context not in CONTEXTS:
+      raise ValueError(f"scoring.context={self.context!r} not in {CONTEXTS}")
     for key in ("rows_per_chunk", "min_rows", "min_seq_len"):
       if not isinstance(getattr(self, key), int) or getattr(self, key) < 1:
         raise ValueError(f"scoring.{key} must be a positive int, got "
@@ -74,7 +84,15 @@ class LOOScorer:
   """Scores leave-one-out label log-probs for one fixed set of examples."""
 
   def __init__(self, model_config: LlamaConfig, params, examples: ExampleTokens,
-               config: ScoringConfig = ScoringConfig(), mesh=None):
+               config: ScoringConfig = ScoringConfig(), mesh=None,
+               groups=None):
+    if config.context == "leave_group_out":
+      if groups is None or len(groups) != examples.num_examples:
+        raise ValueError("scoring.context='leave_group_out' needs one "
+                         "consistency group per example")
+      names = {}
+      self._group = np.array([names.setdefault(g, len(names)) for g in groups],
+                             np.int64)
     self.model_config = model_config
     self.params = params
     self.examples = examples
@@ -180,6 +198,17 @@ class LOOScorer:
                        f"{self.num_examples}")
     if not np.isin(labels, (-1, 0, 1)).all():
       raise ValueError("labels must be -1 (unlabelled), 0 (False) or 1 (True)")
+    if self.config.context == "leave_group_out":
+      lp_false, lp_true = self._score_leave_group_out(labels, queries)
+      if single:
+        return Scores(lp_false[0], lp_true[0])
+      return Scores(lp_false, lp_true)
+    lp_false, lp_true = self._score_leave_one_out(labels, queries)
+    if single:
+      return Scores(lp_false[0], lp_true[0])
+    return Scores(lp_false, lp_true)
+
+  def _score_leave_one_out(self, labels, queries):
     cand_idx, query_idx = layout.scored_rows(labels, queries)
     lp_false = np.full(labels.shape, np.nan, np.float32)
     lp_true = np.full(labels.shape, np.nan, np.float32)
@@ -187,9 +216,34 @@ class LOOScorer:
       lf, lt = self._score_rows(labels, cand_idx, query_idx)
       lp_false[cand_idx, query_idx] = lf
       lp_true[cand_idx, query_idx] = lt
-    if single:
-      return Scores(lp_false[0], lp_true[0])
-    return Scores(lp_false, lp_true)
+    return lp_false, lp_true
+
+  def _score_leave_group_out(self, labels, queries):
+    """One leave-one-out call on expanded assignments: for every (assignment
+    c, group g) with queries, c with g's claims unlabelled, querying them. A
+    query's own label never enters its context, so this is exactly c's
+    scores with g's claims out of context."""
+    cand_idx, query_idx = layout.scored_rows(labels, queries)
+    pairs = sorted(set(zip(cand_idx.tolist(),
+                           self._group[query_idx].tolist())))
+    lp_false = np.full(labels.shape, np.nan, np.float32)
+    lp_true = np.full(labels.shape, np.nan, np.float32)
+    if not pairs:
+      return lp_false, lp_true
+    rows = [c for c, _ in pairs]
+    expanded = labels[rows].copy()
+    asked = np.zeros(labels.shape, bool)
+    asked[cand_idx, query_idx] = True
+    asked = asked[rows]
+    for row, (_, g) in enumerate(pairs):
+      members = self._group == g
+      expanded[row, members] = -1
+      asked[row] &= members
+    lf, lt = self._score_leave_one_out(expanded, asked)
+    for row, (c, g) in enumerate(pairs):
+      hit = asked[row]
+      lp_false[c, hit], lp_true[c, hit] = lf[row, hit], lt[row, hit]
+    return lp_false, lp_true
 
   def _score_rows(self, labels, cand_idx, query_idx):
     if self.config.mode == "exact" and self.config.prefix_sharing:

@@ -29,6 +29,7 @@ import numpy as np
 from icm_jax.metrics_log import MetricsLog
 from icm_jax.search import state as state_lib
 from icm_jax.search.config import SearchConfig
+from icm_jax.search.objective import mutual_predictability
 from icm_jax.search.consistency import UNLABELLED, Consistency
 from icm_jax.search.outputs import write_labels
 from icm_jax.search.state import Evaluation, SearchState
@@ -131,14 +132,7 @@ class ICMSearch:
     labelled = candidates != UNLABELLED
     lf, lt = self._score(candidates)
     self._check_finite(lf, lt, labelled, what)
-    if self.config.objective == "mean_log_odds":
-      odds = np.where(candidates == 1, lt - lf, lf - lt)
-      count = labelled.sum(axis=1)
-      total = np.where(labelled, odds, 0.0).sum(axis=1, dtype=np.float64)
-      p = np.where(count > 0, total / np.maximum(count, 1), 0.0)
-    else:
-      chosen = np.where(candidates == 1, lt, lf)
-      p = np.where(labelled, chosen, 0.0).sum(axis=1, dtype=np.float64)
+    p = mutual_predictability(self.config.objective, candidates, lf, lt)
     inconsistency = self.consistency.count(candidates)
     utility = self.config.alpha * p - inconsistency
     return [Evaluation(float(utility[c]), float(p[c]), int(inconsistency[c]),

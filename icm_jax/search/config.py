@@ -6,7 +6,7 @@ import dataclasses
 import math
 
 SCHEDULES = ("log", "paper", "exp")
-OBJECTIVES = ("mean_log_odds", "sum_log_prob")
+from icm_jax.search.objective import OBJECTIVES
 FIXES = ("official", "hard", "unfixed_baseline")
 
 
@@ -16,7 +16,9 @@ class SearchConfig:
 
   objective: P(D). "mean_log_odds" (official code; what alpha=50 is calibrated
     for) is the mean over labelled examples of the assigned label's log-odds
-    log P(y) - log P(not y); "sum_log_prob" is the paper's sum of log P(y_i|rest).
+    log P(y) - log P(not y); "sum_log_prob" is the paper's sum of log P(y_i|rest);
+    "class_balanced" averages the mean log-odds of each assigned label
+    (search.objective module), so a constant labelling is not rewarded in full.
   schedule: temperature. "log" (official): T0 / (1 + 2 ln(1 + flips));
     "paper": T0 / (1 + decay ln n) at iteration n >= 1; "exp": T0 * decay^flips.
     All floored at final_temperature. "flips" counts accepted changes.

@@ -13,6 +13,9 @@ None of the default tasks reads the gold label for anything but
   alpaca:     pairs asked both ways; key from the pair's order, not the label
               (the official "A>B" if label is the gold answer). "\\n" is
               removed from both responses, as in the official code.
+  sentiment:  the demo task (bundled, data/sentiment/SOURCE.md): which of two
+              lexicon words is more positive, each pair asked both ways; key
+              from the pair's order (comparative), gold from the lexicon.
 """
 
 from __future__ import annotations
@@ -50,10 +53,18 @@ def alpaca() -> Task:
               strip_newlines=("choice", "choice_2"))
 
 
+def sentiment() -> Task:
+  """Word-pair sentiment comparisons, each asked in both orders."""
+  return Task(name="sentiment", template=templates.SENTIMENT,
+              consistency="comparative", key_from="pair_order",
+              pair_fields=("word_a", "word_b"), id_field="id")
+
+
 TASKS: dict[str, Callable[..., Task]] = {
     "truthfulqa": truthfulqa,
     "gsm8k": gsm8k,
     "alpaca": alpaca,
+    "sentiment": sentiment,
 }
 
 

@@ -1,7 +1,8 @@
-"""Data shipped inside the package: the ICM paper's TruthfulQA split.
+"""Data shipped inside the package: the ICM paper's TruthfulQA split and the
+word-sentiment comparisons the demo runs on.
 
-Only TruthfulQA is bundled (see data/truthfulqa/SOURCE.md for origin and
-licence); GSM8K and Alpaca are read from a directory the user provides.
+See data/<task>/SOURCE.md for origin and licence; GSM8K and Alpaca are read
+from a directory the user provides.
 """
 
 from __future__ import annotations
@@ -11,6 +12,8 @@ import os
 BUNDLED = {
     ("truthfulqa", "train"): "truthfulqa/train_truthfulqa.json",
     ("truthfulqa", "test"): "truthfulqa/test_truthfulqa.json",
+    ("sentiment", "train"): "sentiment/train_sentiment.json",
+    ("sentiment", "test"): "sentiment/test_sentiment.json",
 }
 
 _DATA_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data")
