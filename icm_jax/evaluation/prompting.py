@@ -10,7 +10,7 @@ word (`ExampleTokens.label_token_sets`).
 
 All queries share the demonstration prefix, so its keys/values are computed
 once (batch 1) and every batch of queries attends to that cache. Query rows
-are right-padded to a power-of-two length bucket and the batch is padded to a
+are right-padded to a length bucket (two per power of two) and the batch is padded to a
 fixed size, so scoring hundreds of queries compiles only a couple of times.
 The prefix is padded to a bucket too (its pad keys are masked), so gold and
 ICM demonstrations of the same examples share one compilation.
@@ -29,6 +29,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from icm_jax import sharding
 from icm_jax.model import KVCache, LlamaConfig, forward, masks, param_shapes
+from icm_jax.scoring.buckets import bucket
 from icm_jax.scoring.common import label_log_probs as _word_log_probs
 from icm_jax.tokenization import ExampleTokens
 
@@ -67,7 +68,7 @@ def select_demonstrations(tokens: ExampleTokens, candidates: Sequence[int],
 def label_log_probs(model_config: LlamaConfig, params, tokens: ExampleTokens,
                     queries: Sequence[int], *, demos: Sequence[int] = (),
                     demo_labels=None, mesh=None, batch_size: int = 8,
-                    min_seq_len: int = 64, progress: bool = False
+                    min_seq_len: int = 16, progress: bool = False
                     ) -> tuple[np.ndarray, np.ndarray]:
   """(log_p_false[Q], log_p_true[Q]) of each query's label word.
 
@@ -197,8 +198,10 @@ def _prefix_tokens(tokens: ExampleTokens, demos, demo_labels, queries
 
 
 def _length_bucket(n: int, minimum: int) -> int:
-  """Smallest power of two >= n, at least `minimum`."""
-  return max(minimum, 1 << max(n - 1, 0).bit_length())
+  """The next of {2^k, 3·2^(k-1)} >= n, at least `minimum`: two buckets per
+  power of two, so a 45-token prompt pads to 48, not 64 (a quarter of the
+  many-shot evaluation's compute on short claims)."""
+  return bucket(n, minimum)
 
 
 def _with_progress(batches):
