@@ -277,6 +277,12 @@ def test_plots_write_png(tmp_path):
   out = plot_accuracy_bars([a, b], str(tmp_path / "plots" / "acc.png"), "t")
   assert out == str(tmp_path / "plots" / "acc.png")
   assert_png(out)
+  seeded = [method_result("many_shot_icm", [0, 1], [1, k], [1, 1], seed=k)
+            for k in range(3)]
+  assert_png(plot_accuracy_bars([a] + seeded, str(tmp_path / "seeds.png"),
+                                metric="consistent_accuracy"))
+  with pytest.raises(ValueError, match="auc"):
+    plot_accuracy_bars([a], str(tmp_path / "x.png"), metric="auc")
   gold_files = [str(tmp_path / f"batch_00{k}" / "metrics.jsonl") for k in (0, 1)]
   for k, p in enumerate(gold_files):
     write_metrics(p, 30 + k, gold=True, seed=k)

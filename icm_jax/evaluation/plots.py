@@ -42,8 +42,12 @@ def plot_accuracy_bars(results: Sequence[MethodResult], path: str,
   means = [r.mean[metric] for r in rows]
   errors = [r.sd[metric] if len(r.seeds) > 1 else 0.0 for r in rows]
   colors = [f"C{i % 10}" for i in range(len(rows))]
-  bars = ax.bar(range(len(rows)), means, color=colors, yerr=errors,
-                capsize=4, ecolor="black")
+  bars = ax.bar(range(len(rows)), means, color=colors)
+  seeded = [k for k, r in enumerate(rows) if len(r.seeds) > 1]
+  if seeded:  # error bars only where there is a spread to show
+    ax.errorbar(seeded, [means[k] for k in seeded],
+                yerr=[errors[k] for k in seeded], fmt="none", ecolor="black",
+                capsize=4)
   for bar, r, err in zip(bars, rows, errors):
     text = f"{r.mean[metric]:.3f}"
     if len(r.seeds) > 1:
@@ -53,19 +57,19 @@ def plot_accuracy_bars(results: Sequence[MethodResult], path: str,
                 xytext=(0, 3), textcoords="offset points", ha="center",
                 va="bottom", fontsize=8)
   ax.axhline(0.5, color="gray", linestyle="--", linewidth=1, label="chance")
-  label = "group-consistent accuracy" if metric != "accuracy" else "accuracy"
+  label = "consistent accuracy" if metric != "accuracy" else "accuracy"
   seeds = max(len(r.seeds) for r in rows)
-  if seeds > 1:
-    label += f" (mean ± sd, {seeds} seeds)"
+  detail = [f"mean ± sd, {seeds} seeds"] if seeds > 1 else []
   sizes = sorted({r.num_examples for r in rows})
   if len(sizes) == 1:
     ax.set_xticks(range(len(rows)), names, rotation=20, ha="right")
-    ax.set_ylabel(f"test {label}\n(n = {sizes[0]})")
+    detail.append(f"n = {sizes[0]}")
+    ax.set_ylabel(f"test {label}\n({'; '.join(detail)})")
   else:
     ax.set_xticks(range(len(rows)),
                   [f"{r.method}\n(n = {r.num_examples})" for r in rows],
                   rotation=20, ha="right")
-    ax.set_ylabel(f"test {label}")
+    ax.set_ylabel(f"test {label}" + (f"\n({detail[0]})" if detail else ""))
   ax.set_ylim(0.0, 1.1)
   ax.legend(loc="upper left", fontsize=8)
   if title:
