@@ -198,12 +198,10 @@ class LOOScorer:
                        f"{self.num_examples}")
     if not np.isin(labels, (-1, 0, 1)).all():
       raise ValueError("labels must be -1 (unlabelled), 0 (False) or 1 (True)")
-    if self.config.context == "leave_group_out":
-      lp_false, lp_true = self._score_leave_group_out(labels, queries)
-      if single:
-        return Scores(lp_false[0], lp_true[0])
-      return Scores(lp_false, lp_true)
-    lp_false, lp_true = self._score_leave_one_out(labels, queries)
+    score = (self._score_leave_group_out
+             if self.config.context == "leave_group_out"
+             else self._score_leave_one_out)
+    lp_false, lp_true = score(labels, queries)
     if single:
       return Scores(lp_false[0], lp_true[0])
     return Scores(lp_false, lp_true)
