@@ -111,6 +111,61 @@ def test_parallel_mode_equals_explicit_sequences(params, header_len):
   assert np.abs(ref - exact).max() > 1e-3
 
 
+def shared_context_reference(params, ex, labels, block, i):
+  """One explicit sequence F + prompt_i: F (header + labelled demos in order)
+  causal; the query sees F minus every demo of i's block, at positions that
+  start where the exact-mode row puts it."""
+  tokens, owner = list(ex.header), [-1] * len(ex.header)
+  for j, y in enumerate(labels):
+    if y >= 0:
+      demo = list(ex.prompts[j]) + [int(ex.label_token[y])] + list(ex.separator)
+      tokens += demo
+      owner += [j] * len(demo)
+  full = len(tokens)
+  owner = np.array(owner, np.int64)
+  hidden = (owner >= 0) & (np.asarray(block)[np.maximum(owner, 0)] == block[i])
+  q = list(ex.prompts[i])
+  n = full + len(q)
+  mask = np.zeros((n, n), bool)
+  mask[:full, :full] = np.tril(np.ones((full, full), bool))
+  mask[full:, :full] = ~hidden[None, :]
+  mask[full:, full:] = np.tril(np.ones((len(q), len(q)), bool))
+  start = full - int(hidden.sum())
+  positions = list(range(full)) + list(range(start, start + len(q)))
+  return next_token_label_log_probs(params, tokens + q,
+                                    jnp.asarray([positions]),
+                                    jnp.asarray(mask[None]))
+
+
+@pytest.mark.parametrize("header_len,context", [(0, "leave_one_out"),
+                                                (2, "leave_one_out"),
+                                                (1, "leave_group_out"),
+                                                (1, "leave_block_out")])
+def test_shared_mode_equals_explicit_sequences(params, header_len, context):
+  ex = make_examples(9, header_len, seed=6)
+  groups = ["a", "a", "b", "c", "c", "c", "d", "b", "e"]
+  labels = np.array([[1, 0, -1, 1, 1, -1, 0, 0, 1],
+                     [0, 1, 1, -1, 0, 0, 1, -1, 1]])
+  config = ScoringConfig("shared", rows_per_chunk=4, context=context, blocks=2)
+  scorer = LOOScorer(CFG, params, ex, config, groups=groups)
+  out = scorer.score(labels, queries=np.ones_like(labels, bool))
+  block = {"leave_one_out": np.arange(9),
+           "leave_group_out": np.array([0, 0, 1, 2, 2, 2, 3, 1, 4]),
+           "leave_block_out": np.array([0, 0, 1, 0, 0, 0, 1, 1, 0])}[context]
+  for c in range(2):
+    ref = np.array([shared_context_reference(params, ex, labels[c], block, i)
+                    for i in range(9)])
+    np.testing.assert_allclose(out.log_p_false[c], ref[:, 0], atol=1e-4)
+    np.testing.assert_allclose(out.log_p_true[c], ref[:, 1], atol=1e-4)
+  # The leak is real: a query with labelled demos after it differs from the
+  # exact prompt; the last labelled example has none and equals it.
+  if context == "leave_one_out":
+    exact = LOOScorer(CFG, params, ex, ScoringConfig("exact")).score(
+        labels[0], queries=np.ones(9, bool))
+    assert abs(float(out.s[0, 0] - exact.s[0])) > 1e-3
+    np.testing.assert_allclose(out.s[0, 8], exact.s[8], atol=1e-4)
+
+
 def test_default_queries_are_the_labelled_examples(params):
   ex = make_examples(6)
   labels = np.array([1, -1, 0, -1, 1, 0])
@@ -118,7 +173,8 @@ def test_default_queries_are_the_labelled_examples(params):
   assert np.isnan(out.s[[1, 3]]).all() and np.isfinite(out.s[[0, 2, 4, 5]]).all()
 
 
-MODES = [("exact", False), ("exact", True), ("parallel", False)]
+MODES = [("exact", False), ("exact", True), ("parallel", False),
+         ("shared", False)]
 
 
 @pytest.mark.parametrize("mode,shared", MODES)

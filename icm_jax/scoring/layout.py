@@ -157,3 +157,49 @@ def shared_layout(lengths: ExampleLengths, labels: np.ndarray,
       slot_candidate=fields[0], slot_query=fields[1], slot_start=fields[2],
       slot_len=fields[3], full_len=bucket(int(full.max()), min_seq_len),
       packed_len=bucket(int(fields[3].sum(axis=1).max()), min_seq_len))
+
+
+@dataclasses.dataclass(frozen=True)
+class QueryLayout:
+  """Shared-context mode: the scored rows packed `per_seq` to a sequence,
+  each sequence against the F of one assignment."""
+
+  candidates: int            # bucketed assignment count
+  seq_candidate: np.ndarray  # [P] int32 (padding sequences: 0)
+  seq_query: np.ndarray      # [P, per_seq] int32 example, -1 = empty slot
+  slot_row: np.ndarray       # [P, per_seq] index of the scored row, -1 = empty
+  full_len: int              # bucket of the longest F
+
+  @property
+  def num_seq(self) -> int:
+    return len(self.seq_candidate)
+
+
+def full_lengths(lengths: ExampleLengths, labels: np.ndarray) -> np.ndarray:
+  """[C] tokens of F = header + every labelled demonstration."""
+  return lengths.header + np.where(labels >= 0, lengths.demo, 0).sum(axis=1)
+
+
+def query_layout(lengths: ExampleLengths, labels: np.ndarray,
+                 cand_idx: np.ndarray, query_idx: np.ndarray, *,
+                 max_per_seq: int, min_seq_len: int, groups: int
+                 ) -> QueryLayout:
+  per_cand = np.bincount(cand_idx, minlength=labels.shape[0])
+  per_seq = min(bucket(int(per_cand.max())), max(1, max_per_seq))
+  seqs = []
+  for c in np.unique(cand_idx):
+    rows = np.nonzero(cand_idx == c)[0]
+    for k in range(0, len(rows), per_seq):
+      seqs.append((c, rows[k:k + per_seq]))
+  num_seq = bucket(len(seqs), 1, groups)
+  seq_candidate = np.zeros(num_seq, np.int32)
+  seq_query = np.full((num_seq, per_seq), -1, np.int32)
+  slot_row = np.full((num_seq, per_seq), -1, np.int64)
+  for s, (c, rows) in enumerate(seqs):
+    seq_candidate[s] = c
+    seq_query[s, :len(rows)] = query_idx[rows]
+    slot_row[s, :len(rows)] = rows
+  return QueryLayout(
+      candidates=candidates_bucket(labels.shape[0]),
+      seq_candidate=seq_candidate, seq_query=seq_query, slot_row=slot_row,
+      full_len=bucket(int(full_lengths(lengths, labels).max()), min_seq_len))

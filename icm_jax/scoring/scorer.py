@@ -22,20 +22,24 @@ import jax.numpy as jnp
 import numpy as np
 
 from icm_jax.model import LlamaConfig
-from icm_jax.scoring import exact, layout, parallel
+from icm_jax.scoring import exact, layout, parallel, shared_context
 from icm_jax.scoring.common import example_arrays
 from icm_jax.tokenization import ExampleTokens
 
-MODES = ("exact", "parallel")
+MODES = ("exact", "parallel", "shared")
 # Which examples leave a query's context: the query itself (the paper's
-# mutual predictability), or its whole consistency group (its swapped twin
-# would otherwise hand it the answer, or the opposite label to copy).
-CONTEXTS = ("leave_one_out", "leave_group_out")
+# mutual predictability), its whole consistency group (its swapped twin
+# would otherwise hand it the answer, or the opposite label to copy), or its
+# whole fold of `blocks` folds of groups (leave-one-block-out: B passes
+# instead of N).
+CONTEXTS = ("leave_one_out", "leave_group_out", "leave_block_out")
 
 
 @dataclasses.dataclass(frozen=True)
 class ScoringConfig:
-  """mode: "exact" (the paper's LOO prompts) or "parallel" (one-pass LOO).
+  """mode: "exact" (the paper's LOO prompts), "shared" (one causal pass over
+  all demonstrations, each query masking its own out) or "parallel" (every
+  demonstration encoded alone).
 
   rows_per_chunk: LOO rows per micro-batch inside the jitted call (memory
   bound); rounded up to a multiple of the mesh's batch divisor. With prefix
@@ -56,13 +60,16 @@ class ScoringConfig:
   # leave_group_out: each query is scored without any claim of its group in
   # context (LOOScorer needs `groups`).
   context: str = "leave_one_out"
+  # leave_block_out: the number of folds (whole consistency groups, dealt
+  # round-robin in order of first appearance).
+  blocks: int = 4
 
   def __post_init__(self):
     if self.mode not in MODES:
       raise ValueError(f"scoring.mode={self.mode!r} not in {MODES}")
     if self.context not in CONTEXTS:
       raise ValueError(f"scoring.context={self.context!r} not in {CONTEXTS}")
-    for key in ("rows_per_chunk", "min_rows", "min_seq_len"):
+    for key in ("rows_per_chunk", "min_rows", "min_seq_len", "blocks"):
       if not isinstance(getattr(self, key), int) or getattr(self, key) < 1:
         raise ValueError(f"scoring.{key} must be a positive int, got "
                          f"{getattr(self, key)!r}")
@@ -86,13 +93,8 @@ class LOOScorer:
   def __init__(self, model_config: LlamaConfig, params, examples: ExampleTokens,
                config: ScoringConfig = ScoringConfig(), mesh=None,
                groups=None):
-    if config.context == "leave_group_out":
-      if groups is None or len(groups) != examples.num_examples:
-        raise ValueError("scoring.context='leave_group_out' needs one "
-                         "consistency group per example")
-      names = {}
-      self._group = np.array([names.setdefault(g, len(names)) for g in groups],
-                             np.int64)
+    # The unit each query leaves out of its context (None: itself).
+    self._unit = context_units(config, examples.num_examples, groups)
     self.model_config = model_config
     self.params = params
     self.examples = examples
@@ -133,6 +135,12 @@ class LOOScorer:
                              static_argnames=("seq_len",))
       self._shared_kernel = jax.jit(self._exact_shared_kernel,
                                     static_argnames=("full_len", "packed_len"))
+    elif config.mode == "shared":
+      self._kernel = jax.jit(self._shared_context_kernel,
+                             static_argnames=("full_len",))
+      self._block = jnp.asarray(
+          np.arange(self.num_examples) if self._unit is None else self._unit,
+          jnp.int32)
     else:
       self._end_position = layout.parallel_end_position(self._lengths)
       if self._end_position + width > context:
@@ -177,6 +185,15 @@ class LOOScorer:
         sep_len=self._sep_len, groups=self._groups,
         batch_sharding_fn=self._batch_sharding_fn)
 
+  def _shared_context_kernel(self, params, data, labels, block, seq_cand,
+                             seq_query, *, full_len):
+    self.trace_count += 1
+    return shared_context.shared_context_scores(
+        params, data, labels, block, seq_cand, seq_query,
+        model_config=self.model_config, token_sets=self._token_sets,
+        full_len=full_len, header_len=self._header_len, sep_len=self._sep_len,
+        groups=self._groups, batch_sharding_fn=self._batch_sharding_fn)
+
   def _parallel_kernel(self, params, data, cache, labels, cand, query):
     self.trace_count += 1
     return parallel.parallel_scores(
@@ -198,8 +215,10 @@ class LOOScorer:
                        f"{self.num_examples}")
     if not np.isin(labels, (-1, 0, 1)).all():
       raise ValueError("labels must be -1 (unlabelled), 0 (False) or 1 (True)")
-    score = (self._score_leave_group_out
-             if self.config.context == "leave_group_out"
+    # Shared mode masks a query's unit inside the kernel; the others score
+    # assignments with the unit unlabelled.
+    score = (self._score_leave_unit_out
+             if self._unit is not None and self.config.mode != "shared"
              else self._score_leave_one_out)
     lp_false, lp_true = score(labels, queries)
     if single:
@@ -216,14 +235,14 @@ class LOOScorer:
       lp_true[cand_idx, query_idx] = lt
     return lp_false, lp_true
 
-  def _score_leave_group_out(self, labels, queries):
+  def _score_leave_unit_out(self, labels, queries):
     """One leave-one-out call on expanded assignments: for every (assignment
-    c, group g) with queries, c with g's claims unlabelled, querying them. A
+    c, unit g) with queries, c with g's claims unlabelled, querying them. A
     query's own label never enters its context, so this is exactly c's
     scores with g's claims out of context."""
     cand_idx, query_idx = layout.scored_rows(labels, queries)
     pairs = sorted(set(zip(cand_idx.tolist(),
-                           self._group[query_idx].tolist())))
+                           self._unit[query_idx].tolist())))
     lp_false = np.full(labels.shape, np.nan, np.float32)
     lp_true = np.full(labels.shape, np.nan, np.float32)
     if not pairs:
@@ -234,7 +253,7 @@ class LOOScorer:
     asked[cand_idx, query_idx] = True
     asked = asked[rows]
     for row, (_, g) in enumerate(pairs):
-      members = self._group == g
+      members = self._unit == g
       expanded[row, members] = -1
       asked[row] &= members
     lf, lt = self._score_leave_one_out(expanded, asked)
@@ -246,6 +265,8 @@ class LOOScorer:
   def _score_rows(self, labels, cand_idx, query_idx):
     if self.config.mode == "exact" and self.config.prefix_sharing:
       return self._score_rows_shared(labels, cand_idx, query_idx)
+    if self.config.mode == "shared":
+      return self._score_rows_shared_context(labels, cand_idx, query_idx)
     num_rows = len(query_idx)
     rows = layout.row_layout(labels.shape[0], cand_idx, query_idx,
                              min_rows=self.config.min_rows, chunk=self._chunk)
@@ -287,6 +308,25 @@ class LOOScorer:
     out_f[pairs[used]], out_t[pairs[used]] = lf[used], lt[used]
     return out_f, out_t
 
+  def _score_rows_shared_context(self, labels, cand_idx, query_idx):
+    self._exact_row_lengths(labels, cand_idx, query_idx)  # context check
+    plan = layout.query_layout(
+        self._lengths, labels, cand_idx, query_idx,
+        max_per_seq=self._chunk // self._groups,
+        min_seq_len=self.config.min_seq_len, groups=self._groups)
+    self.last_shape = (plan.candidates, plan.num_seq, plan.seq_query.shape[1],
+                       plan.full_len)
+    lf, lt = self._call(self._kernel, self.params, self._data,
+                        jnp.asarray(_pad_candidates(labels, plan.candidates)),
+                        self._block, jnp.asarray(plan.seq_candidate),
+                        jnp.asarray(plan.seq_query), full_len=plan.full_len)
+    used = plan.slot_row >= 0
+    out_f = np.empty(len(query_idx), np.float32)
+    out_t = np.empty(len(query_idx), np.float32)
+    out_f[plan.slot_row[used]] = np.asarray(lf)[used]
+    out_t[plan.slot_row[used]] = np.asarray(lt)[used]
+    return out_f, out_t
+
   def _call(self, fn, *args, **kwargs):
     if self.mesh is None:
       return fn(*args, **kwargs)
@@ -306,6 +346,20 @@ class LOOScorer:
           f" labelled demonstrations) > model context {context}; use a smaller"
           " batch or parallel mode")
     return lengths
+
+
+def context_units(config: ScoringConfig, num_examples: int, groups=None):
+  """[N] int unit id each query leaves out of its context; None = itself."""
+  if config.context == "leave_one_out":
+    return None
+  if groups is None or len(groups) != num_examples:
+    raise ValueError(f"scoring.context={config.context!r} needs one "
+                     "consistency group per example")
+  names = {}
+  group = np.array([names.setdefault(g, len(names)) for g in groups], np.int64)
+  if config.context == "leave_group_out":
+    return group
+  return group % config.blocks
 
 
 def _pad_candidates(labels: np.ndarray, candidates: int) -> np.ndarray:
