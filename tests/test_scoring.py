@@ -113,8 +113,8 @@ def test_parallel_mode_equals_explicit_sequences(params, header_len):
 
 def shared_context_reference(params, ex, labels, block, i):
   """One explicit sequence F + prompt_i: F (header + labelled demos in order)
-  causal; the query sees F minus every demo of i's block, at positions that
-  start where the exact-mode row puts it."""
+  causal; the query sees F minus every demo of i's block, at positions
+  len(F), len(F) + 1, ..."""
   tokens, owner = list(ex.header), [-1] * len(ex.header)
   for j, y in enumerate(labels):
     if y >= 0:
@@ -130,8 +130,7 @@ def shared_context_reference(params, ex, labels, block, i):
   mask[:full, :full] = np.tril(np.ones((full, full), bool))
   mask[full:, :full] = ~hidden[None, :]
   mask[full:, full:] = np.tril(np.ones((len(q), len(q)), bool))
-  start = full - int(hidden.sum())
-  positions = list(range(full)) + list(range(start, start + len(q)))
+  positions = list(range(full + len(q)))
   return next_token_label_log_probs(params, tokens + q,
                                     jnp.asarray([positions]),
                                     jnp.asarray(mask[None]))
@@ -157,13 +156,11 @@ def test_shared_mode_equals_explicit_sequences(params, header_len, context):
                     for i in range(9)])
     np.testing.assert_allclose(out.log_p_false[c], ref[:, 0], atol=1e-4)
     np.testing.assert_allclose(out.log_p_true[c], ref[:, 1], atol=1e-4)
-  # The leak is real: a query with labelled demos after it differs from the
-  # exact prompt; the last labelled example has none and equals it.
+  # Not vacuous: the semantics differ from exact prompts (the leak).
   if context == "leave_one_out":
     exact = LOOScorer(CFG, params, ex, ScoringConfig("exact")).score(
         labels[0], queries=np.ones(9, bool))
-    assert abs(float(out.s[0, 0] - exact.s[0])) > 1e-3
-    np.testing.assert_allclose(out.s[0, 8], exact.s[8], atol=1e-4)
+    assert np.abs(out.s[0] - exact.s).max() > 1e-3
 
 
 def test_default_queries_are_the_labelled_examples(params):

@@ -4,14 +4,17 @@ Semantics: F = header + every labelled demonstration of the assignment, in
 example order, encoded once causally, exactly as exact mode encodes a row's
 context. Query i (prompt_i) then attends to F with the demonstrations of its
 own block masked out (block = the example itself for leave-one-out, its
-consistency group for leave-group-out), and causally to itself. Its prompt
-starts at position len(F) - (tokens masked out), the position it has in the
-exact-mode row.
+consistency group for leave-group-out, its fold for leave-block-out), and
+causally to itself. Its prompt starts at position len(F), after every key it
+can see, so all relative positions are positive as in exact mode. (Starting
+it at len(F) minus the masked tokens, its exact-mode position, puts later
+demonstrations' keys at negative distances; measured on SmolLM2 that is
+worse: TruthfulQA N = 16, gold labels, Spearman with exact 0.74 vs 0.79.)
 
 What differs from exact mode: demonstrations after i in F were encoded with
 i's demonstration (and label) in their context, so i's label reaches query i
-through their keys/values (the "leak"). For the last labelled example there
-is nothing after it and its score equals exact mode's.
+through their keys/values (the "leak"); and the demonstrations before i sit
+len(demo_i) further from the query than in the exact-mode row.
 
 Cost per evaluation: one pass over F per assignment plus the query tokens,
 about 2·N·L token-forwards, against about N²·L/2 for exact mode.
@@ -78,9 +81,7 @@ def shared_context_scores(params, data: ExampleArrays, labels, block,
     hidden = (owner[None, :] >= 0) & (
         block[jnp.clip(owner, 0, num - 1)][None, :] == qblock[:, None])
     row_cache = real[None, :] & ~hidden                          # [Q, S]
-    out_len = jnp.where(block[None, :] == qblock[:, None], demo_len[None, :],
-                        0).sum(axis=1)
-    start = full_lengths[cand] - out_len                         # [Q]
+    start = jnp.broadcast_to(full_lengths[cand], (per_seq,))     # [Q]
     lengths = jnp.where(used, data.prompt_len[q], 0)
     row_of = jnp.repeat(jnp.arange(per_seq), width)
     t = jnp.tile(jnp.arange(width), per_seq)
