@@ -97,6 +97,23 @@ def test_exact_mode_equals_naive_prompts(params, header_len, prefix_sharing):
   np.testing.assert_allclose(out.s, ref[:, 1] - ref[:, 0], atol=1e-4)
 
 
+@pytest.mark.parametrize("query_chunk", [7, 16])
+def test_exact_mode_in_query_chunks_equals_naive_prompts(params, query_chunk):
+  # Rows of ~60 tokens: several chunks per pass (one not dividing the
+  # length), both the F pass and the packed suffix pass.
+  ex = make_examples(9, header_len=2, seed=7)
+  labels = np.array([[1, 0, -1, 1, 1, -1, 0, 0, 1],
+                     [0, 1, 1, 1, 0, 0, -1, 1, 1]])
+  scorer = LOOScorer(CFG, params, ex, ScoringConfig(
+      "exact", rows_per_chunk=4, query_chunk=query_chunk))
+  out = scorer.score(labels, queries=np.ones_like(labels, bool))
+  assert scorer.last_shape[2] > 2 * query_chunk
+  for c in range(2):
+    ref = np.array([exact_reference(params, ex, labels[c], i) for i in range(9)])
+    np.testing.assert_allclose(out.log_p_false[c], ref[:, 0], atol=1e-4)
+    np.testing.assert_allclose(out.log_p_true[c], ref[:, 1], atol=1e-4)
+
+
 @pytest.mark.parametrize("header_len", [0, 2])
 def test_parallel_mode_equals_explicit_sequences(params, header_len):
   ex = make_examples(9, header_len, seed=1)

@@ -103,7 +103,8 @@ def scoring_calls(model: LlamaConfig, mesh, workload: Workload,
           exact.exact_shared_scores, full_len=lay.plan.full_len,
           packed_len=lay.plan.packed_len, header_len=workload.header_len,
           sep_len=workload.sep_len, groups=divisor,
-          batch_sharding_fn=batch_fn, **common))
+          query_chunk=scoring.query_chunk, batch_sharding_fn=batch_fn,
+          **common))
       slots = [_replicated(mesh, (lay.plan.num_seq, 2)) for _ in range(4)]
       args = (params, data, _replicated(mesh, (lay.plan.candidates, n))) + tuple(slots)
       calls.append(Call(

@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 
 from icm_jax.model import KVCache, forward, masks
+from icm_jax.scoring.chunked import chunked_forward
 from icm_jax.scoring.common import ExampleArrays, constrain_batch, label_log_probs
 
 
@@ -91,14 +92,16 @@ def exact_shared_scores(params, data: ExampleArrays, labels, slot_candidate,
                         slot_query, slot_start, slot_len, *, model_config,
                         token_sets, full_len: int, packed_len: int,
                         header_len: int, sep_len: int, groups: int = 1,
-                        batch_sharding_fn=None):
+                        query_chunk: int = 0, batch_sharding_fn=None):
   """(log P(False), log P(True)) [P, 2] for P packed sequences of 2 slots.
 
   slot_candidate/slot_query/slot_start/slot_len: [P, 2] int32 — the slot's
   assignment, example, prefix length start_i and suffix length (0 = empty
   slot). Both slots of a sequence share a candidate. full_len: static bucket
   of the F length; packed_len: static bucket of the packed suffix length.
-  P must be a multiple of `groups` (sequences per micro-batch).
+  P must be a multiple of `groups` (sequences per micro-batch). query_chunk:
+  run both passes in chunks of this many queries (chunked.chunked_forward;
+  0 = whole sequences), so no mask is larger than [chunk, keys].
   """
   num_cand = labels.shape[0]
   build = functools.partial(exact_row_tokens, data, seq_len=full_len,
@@ -106,12 +109,17 @@ def exact_shared_scores(params, data: ExampleArrays, labels, slot_candidate,
   full_tokens, full_lengths = jax.vmap(
       lambda lab: build(lab, -1, with_query=False))(labels)
   full_tokens = constrain_batch(full_tokens, batch_sharding_fn)
+  keys = jnp.arange(full_len)
+
+  def full_mask(rows):  # real keys only; causality is added by the model
+    real = keys[None, None, :] < full_lengths[:, None, None]
+    return jnp.broadcast_to(real, (num_cand, rows.shape[0], full_len))
+
   # Hidden states are discarded: only F's keys/values are needed.
-  _, cache = forward(params, full_tokens,
-                     masks.default_positions(num_cand, full_len),
-                     masks.padded_causal_mask(full_lengths, full_len),
-                     config=model_config, return_kv=True, return_hidden=True,
-                     logit_positions=jnp.zeros((num_cand, 1), jnp.int32))
+  _, cache = chunked_forward(
+      params, full_tokens, masks.default_positions(num_cand, full_len),
+      full_mask, model_config=model_config, chunk=query_chunk,
+      return_kv=True)
 
   def packed_inputs(cand, query, start, length):  # each [2]
     rows = jax.vmap(lambda c, q: build(labels[c], q,
@@ -125,21 +133,30 @@ def exact_shared_scores(params, data: ExampleArrays, labels, slot_candidate,
     src = jnp.clip(start[slot] + k, 0, rows.shape[1] - 1)
     tokens = jnp.where(valid, rows[slot, src], 0)
     positions = jnp.where(valid, start[slot] + k, 0)
-    cache_mask = jnp.arange(full_len)[None, :] < start[slot][:, None]
-    same = (slot[:, None] == slot[None, :]) & valid[None, :]
-    self_mask = same | (u[:, None] == u[None, :])   # causality added by model
-    mask = jnp.concatenate([cache_mask, self_mask], axis=1)
     read_at = jnp.maximum(jnp.cumsum(length) - 1, 0)
-    return tokens, positions, mask, read_at
+    # Per position: the slot (-1 = padding) and its visible cache length.
+    return tokens, positions, jnp.where(valid, slot, -1), start[slot], read_at
+
+  def packed_mask(key_slot, key_start, rows):  # [G, U] each -> [G, Q, T + U]
+    q_slot, q_start = key_slot[:, rows], key_start[:, rows]
+    cache_mask = keys[None, None, :] < q_start[:, :, None]
+    same = (q_slot[:, :, None] == key_slot[:, None, :]) & (
+        key_slot[:, None, :] >= 0)
+    # Causality inside the packed suffixes is added by the model.
+    self_mask = same | (rows[:, None] == jnp.arange(packed_len)[None, :])[None]
+    return jnp.concatenate([cache_mask, self_mask], axis=2)
 
   def one_chunk(args):  # `groups` packed sequences side by side
     cand, query, start, length = args
-    tokens, positions, mask, read_at = jax.vmap(packed_inputs)(
+    tokens, positions, key_slot, key_start, read_at = jax.vmap(packed_inputs)(
         cand, query, start, length)
     tokens = constrain_batch(tokens, batch_sharding_fn)
     kv = KVCache(*(a[:, cand[:, 0]] for a in cache))
-    logits = forward(params, tokens, positions, mask, config=model_config,
-                     kv_cache=kv, logit_positions=read_at)
+    logits = chunked_forward(
+        params, tokens, positions,
+        functools.partial(packed_mask, key_slot, key_start),
+        model_config=model_config, chunk=query_chunk, prefix=kv,
+        logit_positions=read_at)
     return label_log_probs(logits, token_sets)
 
   chunked = [a.reshape((-1, groups) + a.shape[1:])

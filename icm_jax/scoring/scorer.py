@@ -57,6 +57,10 @@ class ScoringConfig:
   # Exact mode: compute the shared demonstration prefix once per assignment
   # and run only each row's suffix (about half the tokens).
   prefix_sharing: bool = True
+  # Exact mode with prefix sharing: run each long pass in chunks of this many
+  # query tokens (0 = whole sequences), so no attention mask or activation
+  # is larger than [chunk, keys]; same scores. Shorter passes are one chunk.
+  query_chunk: int = 4096
   # leave_group_out: each query is scored without any claim of its group in
   # context (LOOScorer needs `groups`).
   context: str = "leave_one_out"
@@ -73,6 +77,9 @@ class ScoringConfig:
       if not isinstance(getattr(self, key), int) or getattr(self, key) < 1:
         raise ValueError(f"scoring.{key} must be a positive int, got "
                          f"{getattr(self, key)!r}")
+    if not isinstance(self.query_chunk, int) or self.query_chunk < 0:
+      raise ValueError("scoring.query_chunk must be an int >= 0, got "
+                       f"{self.query_chunk!r}")
 
 
 class Scores(NamedTuple):
@@ -183,6 +190,7 @@ class LOOScorer:
         model_config=self.model_config, token_sets=self._token_sets,
         full_len=full_len, packed_len=packed_len, header_len=self._header_len,
         sep_len=self._sep_len, groups=self._groups,
+        query_chunk=self.config.query_chunk,
         batch_sharding_fn=self._batch_sharding_fn)
 
   def _shared_context_kernel(self, params, data, labels, block, seq_cand,
