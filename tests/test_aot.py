@@ -178,7 +178,8 @@ def report(name, arguments=0, temp=0, outputs=0, alias=0):
     (report("train", arguments=1, temp=10), ["grad_accum_steps", "remat"],
      ["param_dtype"]),
     (report("exact", arguments=1, temp=10),
-     ["tensor", "label.batch_size", "scoring.mode=parallel"], ["remat"]),
+     ["tensor", "label.batch_size", "query_chunk"],
+     ["remat", "scoring.mode="]),
     (report("exact", arguments=10, temp=1), ["fsdp", "param_dtype"], []),
     (report("parallel_cache", outputs=10, temp=1),
      ["outputs", "tensor", "rows_per_chunk"], []),
@@ -199,7 +200,8 @@ def test_no_tensor_advice_once_it_splits_every_kv_head():
     advice = " ".join(aot.fit_advice(rep, {"data": 1, "fsdp": 2,
                                            "tensor": tensor}))
     assert ("larger tensor axis" in advice) == wanted
-    assert "scoring.mode=parallel" in advice
+    # No one-pass mode agrees with exact mode: never advised.
+    assert "scoring.mode" not in advice
 
 
 def test_libtpu_refusal_is_a_does_not_fit_report(topology):
@@ -261,7 +263,8 @@ def test_layouts_match_the_scorer():
                                   devices=jax.devices()[:4])
   divisor = 4
   params = init_params(TINY.replace(dtype="float32"), jax.random.key(0))
-  for mode, shared in (("exact", True), ("exact", False), ("parallel", True)):
+  for mode, shared in (("exact", True), ("exact", False), ("parallel", True),
+                       ("shared", True)):
     config = ScoringConfig(mode, rows_per_chunk=6, prefix_sharing=shared)
     scorer = LOOScorer(TINY.replace(dtype="float32"), params, examples,
                        config, mesh=cpu_mesh)
@@ -275,6 +278,8 @@ def test_layouts_match_the_scorer():
         lay = aot.exact_shared_layout(wl, labels, queries, config, divisor)
       elif mode == "exact":
         lay = aot.exact_layout(wl, labels, queries, config, divisor, 4096)
+      elif mode == "shared":
+        lay = aot.shared_context_layout(wl, labels, queries, config, divisor)
       else:
         lay = aot.parallel_layout(wl, labels, queries, config, divisor)
       assert lay.static == scorer.last_shape, (mode, shared, name)
@@ -289,7 +294,7 @@ def test_analytic_flops_equal_the_traced_program(mesh, train):
   model = aot.for_tpu(TINY.replace(attention_block_size=0), "xla")
   wl = workload()
   calls = aot.scoring_calls(model, mesh, wl, ScoringConfig(rows_per_chunk=4),
-                            ["exact", "exact_unshared", "parallel"])
+                            ["exact", "exact_unshared", "parallel", "shared"])
   calls.append(aot.train_call(model, mesh, wl, train, 64, 48))
   cache_shapes = jax.eval_shape(calls[2].fn, *calls[2].args)
   calls[3].args = calls[3].args[:2] + (cache_shapes,) + calls[3].args[3:]

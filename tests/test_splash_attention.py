@@ -122,18 +122,21 @@ def params():
   return init_params(CFG, jax.random.key(0))
 
 
-# (mode, prefix_sharing): every kernel the search calls.
-LOO_KERNELS = [("exact", False), ("exact", True), ("parallel", True)]
+# (mode, prefix_sharing, query_chunk): every kernel the search calls; the
+# chunked exact passes (16-token query chunks, several per pass) too.
+LOO_KERNELS = [("exact", False, 0), ("exact", True, 0), ("exact", True, 16),
+               ("parallel", True, 0), ("shared", True, 0)]
 
 
-@pytest.mark.parametrize("mode,shared", LOO_KERNELS)
-def test_loo_scores_equal_xla(params, mode, shared):
+@pytest.mark.parametrize("mode,shared,query_chunk", LOO_KERNELS)
+def test_loo_scores_equal_xla(params, mode, shared, query_chunk):
   """Whole LOO scoring calls: padding, GQA, header, candidates, partial labels."""
   ex = make_examples(9, header_len=3)
   rng = np.random.default_rng(2)
   labels = rng.integers(0, 2, (3, 9))
   labels[1, [0, 4]] = -1           # unlabelled examples are left out of context
-  config = ScoringConfig(mode=mode, prefix_sharing=shared, rows_per_chunk=4)
+  config = ScoringConfig(mode=mode, prefix_sharing=shared, rows_per_chunk=4,
+                         query_chunk=query_chunk)
   want = LOOScorer(CFG, params, ex, config).score(labels)
   got = LOOScorer(SPLASH, params, ex, config).score(labels)
   scored = ~np.isnan(want.log_p_true)

@@ -42,7 +42,7 @@ _NUM_EXAMPLES = flags.DEFINE_integer(
     "num_examples", None, "N per ICM search (default label.batch_size).")
 _MODES = flags.DEFINE_string(
     "modes", "exact,parallel", "Scoring modes to plan: exact, "
-    "exact_unshared, parallel.")
+    "exact_unshared, parallel, shared.")
 _LENGTHS = flags.DEFINE_string(
     "lengths", None, "'measured', or MEAN,MAX prompt tokens (default: "
     "measured when data is available, else 191,665).")

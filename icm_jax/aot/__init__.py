@@ -45,12 +45,14 @@ from icm_jax.aot.compile import (CallReport, check_fit, compile_call,
                                  compile_calls, fit_advice, fit_lines, fits)
 from icm_jax.aot.costs import (Cost, exact_cost, exact_shared_cost,
                                forward_cost, parallel_cache_cost,
-                               parallel_query_cost, train_step_cost)
+                               parallel_query_cost, shared_context_cost,
+                               train_step_cost)
 from icm_jax.aot.errors import AotError, DoesNotFit
 from icm_jax.aot.jaxpr_flops import jaxpr_matmul_flops
 from icm_jax.aot.layouts import (ExactLayout, ExactSharedLayout,
-                                 ParallelLayout, exact_layout,
-                                 exact_shared_layout, parallel_layout)
+                                 ParallelLayout, SharedContextLayout,
+                                 exact_layout, exact_shared_layout,
+                                 parallel_layout, shared_context_layout)
 from icm_jax.aot.plan import (Ledger, Row, Target, make_target,
                               markdown_table, plan_rows, simulate_search)
 from icm_jax.aot.presets import (PRESETS, attention_impl, for_tpu,
@@ -79,7 +81,8 @@ __all__ = [
     "workload_from_config",
     # layouts
     "ExactLayout", "ExactSharedLayout", "ParallelLayout",
-    "exact_layout", "exact_shared_layout", "parallel_layout",
+    "SharedContextLayout", "exact_layout", "exact_shared_layout",
+    "parallel_layout", "shared_context_layout",
     # calls
     "SCORING_MODES", "Call", "abstract_examples", "abstract_params",
     "scoring_calls", "train_call",
@@ -88,7 +91,8 @@ __all__ = [
     "fit_lines", "fits",
     # costs
     "Cost", "exact_cost", "exact_shared_cost", "forward_cost",
-    "parallel_cache_cost", "parallel_query_cost", "train_step_cost",
+    "parallel_cache_cost", "parallel_query_cost", "shared_context_cost",
+    "train_step_cost",
     # jaxpr_flops
     "jaxpr_matmul_flops",
     # plan

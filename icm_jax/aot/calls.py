@@ -16,13 +16,13 @@ import numpy as np
 from icm_jax import sharding
 from icm_jax.aot.costs import (Cost, exact_cost, exact_shared_cost,
                                parallel_cache_cost, parallel_query_cost,
-                               train_step_cost)
+                               shared_context_cost, train_step_cost)
 from icm_jax.aot.errors import AotError
 from icm_jax.aot.layouts import (exact_layout, exact_shared_layout,
-                                 parallel_layout)
+                                 parallel_layout, shared_context_layout)
 from icm_jax.aot.workload import Workload
 from icm_jax.model import LlamaConfig, param_shapes
-from icm_jax.scoring import exact, layout, parallel
+from icm_jax.scoring import exact, layout, parallel, shared_context
 from icm_jax.scoring.common import ExampleArrays
 from icm_jax.scoring.scorer import ScoringConfig
 from icm_jax.training import data as train_data
@@ -66,7 +66,7 @@ class Call:
   compiled: Any = None
 
 
-SCORING_MODES = ("exact", "exact_unshared", "parallel")
+SCORING_MODES = ("exact", "exact_unshared", "parallel", "shared")
 
 
 def scoring_calls(model: LlamaConfig, mesh, workload: Workload,
@@ -76,7 +76,7 @@ def scoring_calls(model: LlamaConfig, mesh, workload: Workload,
 
   modes: "exact" (exact mode with prefix sharing: the default scorer),
   "exact_unshared" (exact, prefix_sharing=False), "parallel" (the demo cache
-  build and the query call).
+  build and the query call), "shared" (one pass over F, then the queries).
   """
   bad = [m for m in modes if m not in SCORING_MODES]
   if bad:
@@ -129,6 +129,23 @@ def scoring_calls(model: LlamaConfig, mesh, workload: Workload,
           f"of {lay.seq_len} tokens, {chunk} per micro-batch", fn, args,
           exact_cost(model, lay, divisor, tensor),
           exact_cost(model, lay, 1, 1)))
+    elif mode == "shared":
+      lay = shared_context_layout(workload, labels, None, scoring, divisor)
+      plan = lay.plan
+      fn = jax.jit(functools.partial(
+          shared_context.shared_context_scores, full_len=plan.full_len,
+          header_len=workload.header_len, sep_len=workload.sep_len,
+          groups=divisor, batch_sharding_fn=batch_fn, **common))
+      args = (params, data, _replicated(mesh, (plan.candidates, n)),
+              _replicated(mesh, (n,)), _replicated(mesh, (plan.num_seq,)),
+              _replicated(mesh, plan.seq_query.shape))
+      calls.append(Call(
+          "shared", f"shared: one U(D), F = all demonstrations, "
+          f"{int(lay.full[0])} tokens (bucket {plan.full_len}), then "
+          f"{len(lay.query_lengths)} queries packed {plan.seq_query.shape[1]}"
+          f" to a sequence in {plan.num_seq} sequences", fn, args,
+          shared_context_cost(model, lay, divisor, tensor),
+          shared_context_cost(model, lay, 1, 1)))
     else:  # parallel
       lay = parallel_layout(workload, labels, None, scoring, divisor)
       cache_fn = jax.jit(functools.partial(

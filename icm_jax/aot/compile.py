@@ -224,8 +224,13 @@ def fit_advice(report: CallReport, mesh_shape: Dict[str, int]) -> List[str]:
     if more_tensor:
       advice.append(more_tensor)
     advice.append("use fewer examples per search (--config.label.batch_size "
-                  "/ --num_examples), or one-pass scoring "
-                  "(--config.scoring.mode=parallel)")
+                  "/ --num_examples)")
+    if report.name == "exact":
+      advice.append("lower --config.scoring.query_chunk (query tokens per "
+                    "chunk of each pass; the masks and activations scale "
+                    "with it)")
+    # No one-pass mode is advised: none agrees with exact mode's scores
+    # (README, "Scoring modes": sign agreement and Spearman, measured).
     if report.name == "exact_unshared":
       advice.append("lower --config.scoring.rows_per_chunk (rows per "
                     "micro-batch; the minimum is the mesh's data*fsdp)")

@@ -12,7 +12,8 @@ from typing import Optional, Tuple
 
 import numpy as np
 
-from icm_jax.aot.layouts import ExactLayout, ExactSharedLayout, ParallelLayout
+from icm_jax.aot.layouts import (ExactLayout, ExactSharedLayout, ParallelLayout,
+                                 SharedContextLayout)
 from icm_jax.aot.topology import Chip
 from icm_jax.aot.workload import Workload
 from icm_jax.model import LlamaConfig
@@ -147,6 +148,31 @@ def exact_shared_cost(cfg: LlamaConfig, lay: ExactSharedLayout, divisor: int,
       cache_keys_read=2 * batches * seqs * plan.full_len, passes=batches,
       tensor=tensor)
   return prefix + suffixes
+
+
+def shared_context_cost(cfg: LlamaConfig, lay: SharedContextLayout,
+                        divisor: int, tensor: int) -> Cost:
+  """F's keys/values per assignment, then the packed query sequences."""
+  plan = lay.plan
+  rows, _ = _share(plan.candidates, divisor)
+  prefix = forward_cost(
+      cfg, tokens=rows * plan.full_len, logits=0,
+      visible_pairs=rows * _causal_pairs(lay.full.max()),
+      dense_pairs=rows * plan.full_len ** 2, kv_written=rows * plan.full_len,
+      tensor=tensor)
+  per_seq = plan.seq_query.shape[1]
+  q_len = per_seq * lay.width
+  batches = plan.num_seq // lay.groups
+  seqs, share = _share(lay.groups, divisor)
+  visible = ((lay.query_lengths * lay.visible_cache_keys).sum() +
+             _causal_pairs(lay.query_lengths).sum())
+  queries = forward_cost(
+      cfg, tokens=batches * seqs * q_len, logits=batches * seqs * per_seq,
+      visible_pairs=visible * share,
+      dense_pairs=batches * seqs * q_len * (plan.full_len + q_len),
+      cache_keys_read=2 * batches * seqs * plan.full_len, passes=batches,
+      tensor=tensor)
+  return prefix + queries
 
 
 def exact_cost(cfg: LlamaConfig, lay: ExactLayout, divisor: int,

@@ -120,3 +120,40 @@ def parallel_layout(workload: Workload, labels: np.ndarray,
       width=lengths.width, end_position=layout.parallel_end_position(lengths),
       cache_len=layout.demo_cache_len(lengths), num_queries=len(query_idx),
       query_lengths=prompts, visible_cache_keys=visible)
+
+
+@dataclasses.dataclass(frozen=True)
+class SharedContextLayout:
+  """What LOOScorer passes in shared mode (layout.query_layout), plus what
+  costs need."""
+
+  plan: layout.QueryLayout
+  groups: int                   # sequences per micro-batch
+  width: int                    # prompt slot width
+  full: np.ndarray              # [C] real F length per assignment
+  query_lengths: np.ndarray     # [num real rows] prompt tokens
+  visible_cache_keys: np.ndarray  # [num real rows] F keys each query sees
+
+  @property
+  def static(self) -> tuple:
+    p = self.plan
+    return (p.candidates, p.num_seq, p.seq_query.shape[1], p.full_len)
+
+
+def shared_context_layout(workload: Workload, labels: np.ndarray,
+                          queries: Optional[np.ndarray],
+                          scoring: ScoringConfig, divisor: int
+                          ) -> SharedContextLayout:
+  labels, cand_idx, query_idx = _rows(labels, queries)
+  lengths = _example_lengths(workload)
+  chunk = layout.chunk_rows(scoring.rows_per_chunk, divisor)
+  plan = layout.query_layout(lengths, labels, cand_idx, query_idx,
+                             max_per_seq=chunk // divisor,
+                             min_seq_len=scoring.min_seq_len, groups=divisor)
+  prompts = workload.lengths[query_idx]
+  # Leave-one-out: F without the query's own demonstration.
+  visible = layout.exact_row_lengths(lengths, labels, cand_idx,
+                                     query_idx) - prompts
+  return SharedContextLayout(plan, divisor, lengths.width,
+                             layout.full_lengths(lengths, labels), prompts,
+                             visible)

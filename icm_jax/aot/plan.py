@@ -29,10 +29,10 @@ import numpy as np
 
 from icm_jax.aot.costs import (Cost, exact_cost, exact_shared_cost,
                                parallel_cache_cost, parallel_query_cost,
-                               train_step_cost)
+                               shared_context_cost, train_step_cost)
 from icm_jax.aot.errors import AotError
 from icm_jax.aot.layouts import (exact_layout, exact_shared_layout,
-                                 parallel_layout)
+                                 parallel_layout, shared_context_layout)
 from icm_jax.aot.topology import Chip, Topology
 from icm_jax.aot.workload import Workload
 from icm_jax.model import LlamaConfig
@@ -128,6 +128,11 @@ def call_cost(target: Target, workload: Workload, scoring: ScoringConfig,
   if mode == "parallel":
     lay = parallel_layout(workload, labels, queries, scoring, target.divisor)
     return parallel_query_cost(target.model, lay, target.divisor,
+                               target.tensor)
+  if mode == "shared":
+    lay = shared_context_layout(workload, labels, queries, scoring,
+                                target.divisor)
+    return shared_context_cost(target.model, lay, target.divisor,
                                target.tensor)
   raise AotError(f"--modes: unknown scoring mode {mode!r}")
 
