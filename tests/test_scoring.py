@@ -153,16 +153,17 @@ def shared_context_reference(params, ex, labels, block, i):
                                     jnp.asarray(mask[None]))
 
 
-@pytest.mark.parametrize("header_len,context", [(0, "leave_one_out"),
-                                                (2, "leave_one_out"),
-                                                (1, "leave_group_out"),
-                                                (1, "leave_block_out")])
-def test_shared_mode_equals_explicit_sequences(params, header_len, context):
+@pytest.mark.parametrize("header_len,context,query_chunk", [
+    (0, "leave_one_out", 0), (2, "leave_one_out", 16),  # F in 16-token chunks
+    (1, "leave_group_out", 0), (1, "leave_block_out", 0)])
+def test_shared_mode_equals_explicit_sequences(params, header_len, context,
+                                               query_chunk):
   ex = make_examples(9, header_len, seed=6)
   groups = ["a", "a", "b", "c", "c", "c", "d", "b", "e"]
   labels = np.array([[1, 0, -1, 1, 1, -1, 0, 0, 1],
                      [0, 1, 1, -1, 0, 0, 1, -1, 1]])
-  config = ScoringConfig("shared", rows_per_chunk=4, context=context, blocks=2)
+  config = ScoringConfig("shared", rows_per_chunk=4, context=context, blocks=2,
+                         query_chunk=query_chunk)
   scorer = LOOScorer(CFG, params, ex, config, groups=groups)
   out = scorer.score(labels, queries=np.ones_like(labels, bool))
   block = {"leave_one_out": np.arange(9),

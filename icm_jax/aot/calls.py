@@ -135,7 +135,8 @@ def scoring_calls(model: LlamaConfig, mesh, workload: Workload,
       fn = jax.jit(functools.partial(
           shared_context.shared_context_scores, full_len=plan.full_len,
           header_len=workload.header_len, sep_len=workload.sep_len,
-          groups=divisor, batch_sharding_fn=batch_fn, **common))
+          groups=divisor, query_chunk=scoring.query_chunk,
+          batch_sharding_fn=batch_fn, **common))
       args = (params, data, _replicated(mesh, (plan.candidates, n)),
               _replicated(mesh, (n,)), _replicated(mesh, (plan.num_seq,)),
               _replicated(mesh, plan.seq_query.shape))

@@ -124,16 +124,24 @@ def _share(global_rows: int, divisor: int) -> Tuple[int, float]:
   return rows, rows / global_rows
 
 
+def _full_pass_cost(cfg: LlamaConfig, candidates: int, full_len: int,
+                    longest: int, divisor: int, tensor: int) -> Cost:
+  """The causal pass over F (all demonstrations) of each assignment, keeping
+  its keys/values."""
+  rows, _ = _share(candidates, divisor)
+  return forward_cost(
+      cfg, tokens=rows * full_len, logits=0,
+      visible_pairs=rows * _causal_pairs(longest),
+      dense_pairs=rows * full_len ** 2, kv_written=rows * full_len,
+      tensor=tensor)
+
+
 def exact_shared_cost(cfg: LlamaConfig, lay: ExactSharedLayout, divisor: int,
                       tensor: int) -> Cost:
   """F's keys/values per assignment, then the packed suffix sequences."""
   plan = lay.plan
-  rows, _ = _share(plan.candidates, divisor)
-  prefix = forward_cost(
-      cfg, tokens=rows * plan.full_len, logits=0,
-      visible_pairs=rows * _causal_pairs(plan.full.max()),
-      dense_pairs=rows * plan.full_len ** 2, kv_written=rows * plan.full_len,
-      tensor=tensor)
+  prefix = _full_pass_cost(cfg, plan.candidates, plan.full_len,
+                           plan.full.max(), divisor, tensor)
   batches = plan.num_seq // lay.groups
   seqs, share = _share(lay.groups, divisor)
   real = plan.slot_len > 0
@@ -154,12 +162,8 @@ def shared_context_cost(cfg: LlamaConfig, lay: SharedContextLayout,
                         divisor: int, tensor: int) -> Cost:
   """F's keys/values per assignment, then the packed query sequences."""
   plan = lay.plan
-  rows, _ = _share(plan.candidates, divisor)
-  prefix = forward_cost(
-      cfg, tokens=rows * plan.full_len, logits=0,
-      visible_pairs=rows * _causal_pairs(lay.full.max()),
-      dense_pairs=rows * plan.full_len ** 2, kv_written=rows * plan.full_len,
-      tensor=tensor)
+  prefix = _full_pass_cost(cfg, plan.candidates, plan.full_len,
+                           lay.full.max(), divisor, tensor)
   per_seq = plan.seq_query.shape[1]
   q_len = per_seq * lay.width
   batches = plan.num_seq // lay.groups

@@ -88,6 +88,32 @@ def exact_scores(params, data: ExampleArrays, labels, row_candidate, row_query,
   return lp_false.reshape(num_rows), lp_true.reshape(num_rows)
 
 
+def demonstrations_cache(params, data: ExampleArrays, labels, *, model_config,
+                         full_len: int, header_len: int, sep_len: int,
+                         query_chunk: int = 0, batch_sharding_fn=None):
+  """Keys/values [L, C, full_len, K, D] of F = header + every labelled
+  demonstration of each assignment (labels [C, N]), one causal pass in
+  query chunks; and F's true lengths [C]."""
+  num_cand = labels.shape[0]
+  full_tokens, full_lengths = jax.vmap(
+      lambda lab: exact_row_tokens(data, lab, -1, seq_len=full_len,
+                                   header_len=header_len, sep_len=sep_len,
+                                   with_query=False))(labels)
+  full_tokens = constrain_batch(full_tokens, batch_sharding_fn)
+  keys = jnp.arange(full_len)
+
+  def full_mask(rows):  # real keys only; causality is added by the model
+    real = keys[None, None, :] < full_lengths[:, None, None]
+    return jnp.broadcast_to(real, (num_cand, rows.shape[0], full_len))
+
+  # Hidden states are discarded: only F's keys/values are needed.
+  _, cache = chunked_forward(
+      params, full_tokens, masks.default_positions(num_cand, full_len),
+      full_mask, model_config=model_config, chunk=query_chunk,
+      return_kv=True)
+  return cache, full_lengths
+
+
 def exact_shared_scores(params, data: ExampleArrays, labels, slot_candidate,
                         slot_query, slot_start, slot_len, *, model_config,
                         token_sets, full_len: int, packed_len: int,
@@ -103,23 +129,13 @@ def exact_shared_scores(params, data: ExampleArrays, labels, slot_candidate,
   run both passes in chunks of this many queries (chunked.chunked_forward;
   0 = whole sequences), so no mask is larger than [chunk, keys].
   """
-  num_cand = labels.shape[0]
   build = functools.partial(exact_row_tokens, data, seq_len=full_len,
                             header_len=header_len, sep_len=sep_len)
-  full_tokens, full_lengths = jax.vmap(
-      lambda lab: build(lab, -1, with_query=False))(labels)
-  full_tokens = constrain_batch(full_tokens, batch_sharding_fn)
+  cache, _ = demonstrations_cache(
+      params, data, labels, model_config=model_config, full_len=full_len,
+      header_len=header_len, sep_len=sep_len, query_chunk=query_chunk,
+      batch_sharding_fn=batch_sharding_fn)
   keys = jnp.arange(full_len)
-
-  def full_mask(rows):  # real keys only; causality is added by the model
-    real = keys[None, None, :] < full_lengths[:, None, None]
-    return jnp.broadcast_to(real, (num_cand, rows.shape[0], full_len))
-
-  # Hidden states are discarded: only F's keys/values are needed.
-  _, cache = chunked_forward(
-      params, full_tokens, masks.default_positions(num_cand, full_len),
-      full_mask, model_config=model_config, chunk=query_chunk,
-      return_kv=True)
 
   def packed_inputs(cand, query, start, length):  # each [2]
     rows = jax.vmap(lambda c, q: build(labels[c], q,

@@ -57,9 +57,10 @@ class ScoringConfig:
   # Exact mode: compute the shared demonstration prefix once per assignment
   # and run only each row's suffix (about half the tokens).
   prefix_sharing: bool = True
-  # Exact mode with prefix sharing: run each long pass in chunks of this many
-  # query tokens (0 = whole sequences), so no attention mask or activation
-  # is larger than [chunk, keys]; same scores. Shorter passes are one chunk.
+  # Exact (with prefix sharing) and shared modes: run each long pass in
+  # chunks of this many query tokens (0 = whole sequences), so no attention
+  # mask or activation is larger than [chunk, keys]; same scores. Shorter
+  # passes are one chunk.
   query_chunk: int = 4096
   # leave_group_out: each query is scored without any claim of its group in
   # context (LOOScorer needs `groups`).
@@ -200,7 +201,8 @@ class LOOScorer:
         params, data, labels, block, seq_cand, seq_query,
         model_config=self.model_config, token_sets=self._token_sets,
         full_len=full_len, header_len=self._header_len, sep_len=self._sep_len,
-        groups=self._groups, batch_sharding_fn=self._batch_sharding_fn)
+        groups=self._groups, query_chunk=self.config.query_chunk,
+        batch_sharding_fn=self._batch_sharding_fn)
 
   def _parallel_kernel(self, params, data, cache, labels, cand, query):
     self.trace_count += 1

@@ -25,9 +25,9 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from icm_jax.model import KVCache, forward, masks
+from icm_jax.model import KVCache, forward
 from icm_jax.scoring.common import ExampleArrays, constrain_batch, label_log_probs
-from icm_jax.scoring.exact import exact_row_tokens
+from icm_jax.scoring.exact import demonstrations_cache
 
 
 def key_examples(data: ExampleArrays, labels: jax.Array, *, full_len: int,
@@ -47,28 +47,23 @@ def key_examples(data: ExampleArrays, labels: jax.Array, *, full_len: int,
 def shared_context_scores(params, data: ExampleArrays, labels, block,
                           seq_candidate, seq_query, *, model_config,
                           token_sets, full_len: int, header_len: int,
-                          sep_len: int, groups: int, batch_sharding_fn=None):
+                          sep_len: int, groups: int, query_chunk: int = 0,
+                          batch_sharding_fn=None):
   """(log P(False), log P(True)) [P, Q] for P sequences of Q packed queries.
 
   labels: [C, N] int32 in {-1, 0, 1}; block: [N] int32, the unit masked out of
   a query's context; seq_candidate: [P] the assignment of each sequence;
   seq_query: [P, Q] the example of each slot, -1 for an empty slot. P must be
-  a multiple of `groups` (sequences per micro-batch).
+  a multiple of `groups` (sequences per micro-batch). query_chunk: the pass
+  over F in chunks of this many queries (exact.demonstrations_cache).
   """
-  num_cand = labels.shape[0]
   num, width = data.prompt_tokens.shape
   per_seq = seq_query.shape[1]
   q_len = per_seq * width
-  full_tokens, full_lengths = jax.vmap(
-      lambda lab: exact_row_tokens(data, lab, -1, seq_len=full_len,
-                                   header_len=header_len, sep_len=sep_len,
-                                   with_query=False))(labels)
-  full_tokens = constrain_batch(full_tokens, batch_sharding_fn)
-  _, cache = forward(params, full_tokens,
-                     masks.default_positions(num_cand, full_len),
-                     masks.padded_causal_mask(full_lengths, full_len),
-                     config=model_config, return_kv=True, return_hidden=True,
-                     logit_positions=jnp.zeros((num_cand, 1), jnp.int32))
+  cache, full_lengths = demonstrations_cache(
+      params, data, labels, model_config=model_config, full_len=full_len,
+      header_len=header_len, sep_len=sep_len, query_chunk=query_chunk,
+      batch_sharding_fn=batch_sharding_fn)
 
   def sequence_inputs(cand, query):  # cand: [], query: [Q]
     lab = labels[cand]
