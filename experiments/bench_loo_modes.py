@@ -2,6 +2,7 @@ r"""Fast LOO modes against exact LOO: agreement of s_i and seconds per U(D).
 
   python experiments/bench_loo_modes.py [--agree_sizes=16,32,64]
       [--time_sizes=16,32,64,128] [--out=experiments/bench_loo_modes.jsonl]
+  python experiments/bench_loo_modes.py --tables_from=FILE.jsonl  # tables only
 
 SmolLM2-135M-Instruct (GGUF, float32) on this machine, two tasks:
 TruthfulQA (the paper's ICM file, ../shared/data/icm/test_truthfulqa.json,
@@ -58,6 +59,7 @@ flags.DEFINE_string("truthfulqa", os.path.join(
     HERE, "..", "..", "shared", "data", "icm", "test_truthfulqa.json"),
                     "TruthfulQA ICM file")
 flags.DEFINE_string("out", "", "append one JSON line per result here")
+flags.DEFINE_string("tables_from", "", "only print the tables of this JSONL")
 
 _COMPILE_EVENTS = ("/jax/core/compile/jaxpr_trace_duration",
                    "/jax/core/compile/jaxpr_to_mlir_module_duration",
@@ -96,7 +98,11 @@ def mode_config(mode: str) -> ScoringConfig:
   return ScoringConfig(mode.split("_")[0])
 
 
+_ROWS = []
+
+
 def emit(row):
+  _ROWS.append(row)
   print(json.dumps({k: (float(f"{v:.4g}") if isinstance(v, float) else v)
                     for k, v in row.items()}), flush=True)
   if FLAGS.out:
@@ -210,18 +216,54 @@ def timing(model, tokenizer_words, n):
               load_average_1min=load))
 
 
+def agreement_table(rows) -> str:
+  """Markdown: per mode and N, 'sign / Spearman' per task and assignment."""
+  cols = sorted({(r["task"], r["assignment"]) for r in rows})
+  cells = {(r["mode"], r["n"], r["task"], r["assignment"]):
+           f"{r['sign_agreement']:.2f} / {r['spearman']:.2f}" for r in rows}
+  keys = sorted({(r["mode"], r["n"]) for r in rows})
+  lines = ["| mode | N | " + " | ".join(f"{t} {a}" for t, a in cols) + " |",
+           "|---|---:|" + "---:|" * len(cols)]
+  for mode, n in keys:
+    lines.append(f"| {mode} | {n} | " + " | ".join(
+        cells.get((mode, n, t, a), "-") for t, a in cols) + " |")
+  return "\n".join(lines)
+
+
+def timing_table(rows) -> str:
+  lines = ["| N | mode | s per U(D) | exact / mode | cost model | load |",
+           "|---:|---|---:|---:|---:|---:|"]
+  for r in rows:
+    lines.append(f"| {r['n']} | {r['mode']} | {r['seconds']:.2f} | "
+                 f"{r['speedup_vs_exact']:.1f}x | "
+                 f"{r['cost_model_ratio']:.1f}x | "
+                 f"{r['load_average_1min']:.2f} |")
+  return "\n".join(lines)
+
+
 def main(argv):
   del argv
-  jax.monitoring.register_event_duration_secs_listener(_on_event)
-  model = load_model(smollm2_gguf_path())
-  words = LabelWords()
-  print(f"jax {jax.__version__} devices={jax.devices()} "
-        f"load={os.getloadavg()}", flush=True)
-  for n in map(int, FLAGS.agree_sizes):
-    for task_name in FLAGS.tasks:
-      agreement(model, words, task_name, n)
-  for n in map(int, FLAGS.time_sizes):
-    timing(model, words, n)
+  if FLAGS.tables_from:
+    with open(FLAGS.tables_from) as f:
+      _ROWS.extend(json.loads(line) for line in f)
+  else:
+    jax.monitoring.register_event_duration_secs_listener(_on_event)
+    model = load_model(smollm2_gguf_path())
+    words = LabelWords()
+    print(f"jax {jax.__version__} devices={jax.devices()} "
+          f"load={os.getloadavg()}", flush=True)
+    for n in map(int, FLAGS.agree_sizes):
+      for task_name in FLAGS.tasks:
+        agreement(model, words, task_name, n)
+    for n in map(int, FLAGS.time_sizes):
+      timing(model, words, n)
+  agree = [r for r in _ROWS if r["kind"] == "agreement"]
+  if agree:
+    print("\nsign agreement / Spearman of s_i with exact mode\n" +
+          agreement_table(agree))
+  timed = [r for r in _ROWS if r["kind"] == "timing"]
+  if timed:
+    print("\n" + timing_table(timed))
 
 
 if __name__ == "__main__":

@@ -322,10 +322,15 @@ def test_roofline_plan_accounts_every_search_call(topology):
   assert result.iterations == 40
   assert len(predictions) in (40, 41)
   rows, facts = aot.plan_rows(target, wl, ScoringConfig(), search,
-                              TRAIN, recorded=(calls, result))
+                              TRAIN, modes=("exact", "shared", "parallel"),
+                              recorded=(calls, result))
   plan = facts["exact"]
   assert plan.prediction.calls + plan.evaluation.calls == len(calls)
   assert plan.candidates >= plan.evaluation.calls
+  # Shared mode runs F once per assignment instead of once per row suffix.
+  shared = facts["shared"]
+  assert shared.prediction.calls + shared.evaluation.calls == len(calls)
+  assert shared.evaluation.cost.matmul_flops < plan.evaluation.cost.matmul_flops
   for row in rows:
     led = row.ledger
     assert led.seconds >= max(led.compute_seconds, led.memory_seconds) * (
