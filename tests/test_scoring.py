@@ -298,6 +298,29 @@ def test_leave_group_out_equals_naive_prompts(params, prefix_sharing):
   np.testing.assert_allclose(loo.s[8], out.s[0, 8], atol=1e-4)
 
 
+def test_leave_block_out_equals_naive_prompts(params):
+  # Groups dealt round-robin into 2 folds in order of first appearance:
+  # a, c, e -> fold 0; b, d -> fold 1.
+  ex = make_examples(9, header_len=1, seed=8)
+  groups = ["a", "a", "b", "c", "c", "c", "d", "b", "e"]
+  folds = [0, 0, 1, 0, 0, 0, 1, 1, 0]
+  labels = np.array([1, 0, 1, 1, 0, -1, 0, 1, 1])
+  out = LOOScorer(CFG, params, ex, ScoringConfig(
+      "exact", rows_per_chunk=4, context="leave_block_out", blocks=2),
+                  groups=groups).score(labels)
+  for i in np.nonzero(labels >= 0)[0]:
+    ref = leave_group_out_reference(params, ex, labels, folds, i)
+    np.testing.assert_allclose(out.log_p_false[i], ref[0], atol=1e-4)
+    np.testing.assert_allclose(out.log_p_true[i], ref[1], atol=1e-4)
+
+
+@pytest.mark.parametrize("key,value", [("blocks", 0), ("query_chunk", -1),
+                                       ("query_chunk", 2.5)])
+def test_bad_scoring_values_name_the_key(key, value):
+  with pytest.raises(ValueError, match=f"scoring.{key}"):
+    ScoringConfig(**{key: value})
+
+
 def test_leave_group_out_needs_groups(params):
   ex = make_examples(3)
   with pytest.raises(ValueError, match="leave_group_out"):
