@@ -1,4 +1,5 @@
-"""Leave-one-out scoring kernel: exact and one-pass ("parallel") modes."""
+"""Leave-one-out scoring kernel: exact mode and the one-pass "shared" and
+"parallel" modes."""
 
 from icm_jax.scoring.scorer import LOOScorer, Scores, ScoringConfig
 
