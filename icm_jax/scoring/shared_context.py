@@ -41,7 +41,7 @@ def key_examples(data: ExampleArrays, labels: jax.Array, *, full_len: int,
   owner = jnp.clip(jnp.searchsorted(ends, t, side="right"), 0,
                    labels.shape[0] - 1)
   real = t < ends[-1]
-  return jnp.where(real & (t >= header_len), owner, -1), real, demo_len
+  return jnp.where(real & (t >= header_len), owner, -1), real
 
 
 def shared_context_scores(params, data: ExampleArrays, labels, block,
@@ -67,7 +67,7 @@ def shared_context_scores(params, data: ExampleArrays, labels, block,
 
   def sequence_inputs(cand, query):  # cand: [], query: [Q]
     lab = labels[cand]
-    owner, real, demo_len = key_examples(data, lab, full_len=full_len,
+    owner, real = key_examples(data, lab, full_len=full_len,
                                          header_len=header_len,
                                          sep_len=sep_len)
     q = jnp.clip(query, 0, num - 1)
