@@ -19,12 +19,12 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import os
 import time
 from typing import Callable, Optional, Sequence
 
 import numpy as np
 
+from icm_jax import storage
 from icm_jax.search import (Consistency, ICMSearch, SearchConfig,
                             SearchResult, split_into_batches)
 from icm_jax.search.consistency import UNLABELLED
@@ -116,7 +116,7 @@ def run_icm(examples: Sequence[Example], *, task: Task, tokenizer,
   """Labels `examples` with ICM, one search per batch; see module docstring."""
   if not examples:
     raise ValueError("no examples to label")
-  os.makedirs(workdir, exist_ok=True)
+  storage.makedirs(workdir)
   words = LabelWords(false=task.false_word, true=task.true_word,
                      rule=label_rule)
   ids = tuple(e.id for e in examples)
@@ -145,14 +145,14 @@ def run_icm(examples: Sequence[Example], *, task: Task, tokenizer,
         dataclasses.replace(search, seed=_batch_seed(search.seed, b)),
         ids=[e.id for e in batch_examples], report=_gold_report(gold))
     setup = time.perf_counter() - t
-    result = batch_search.run(os.path.join(workdir, f"batch_{b:03d}"),
+    result = batch_search.run(storage.join(workdir, f"batch_{b:03d}"),
                               progress=progress)
     labels[members] = result.labels
     log_p[:, members] = result.log_p_false, result.log_p_true
     reports.append(_report(b, result, setup, score_fn.build_seconds, gold))
     log.info("batch %d: %s", b, reports[-1])
   run = ICMRun(ids, labels, log_p[0], log_p[1], reports)
-  _write_outputs(workdir, run, batches)
+  _write_outputs(workdir, run, batches, examples)
   return run
 
 
@@ -168,6 +168,14 @@ class _Lazy:
       self._fn = self._build()
       self.build_seconds = time.perf_counter() - t
     return self._fn(labels, queries)
+
+
+def example_columns(examples: Sequence[Example]) -> dict:
+  """labels.jsonl's columns beside the label: the claim as the model read
+  it, the gold label (null if none) and the source record's fields."""
+  return {"claim": [e.prompt for e in examples],
+          "gold": [e.gold for e in examples],
+          "record": [dict(e.record) for e in examples]}
 
 
 def _batch_seed(seed: int, batch: int) -> int:
@@ -199,19 +207,20 @@ def _report(b, result: SearchResult, setup, build, gold) -> BatchReport:
                      agreement)
 
 
-def _write_outputs(workdir, run: ICMRun, batches):
+def _write_outputs(workdir, run: ICMRun, batches, examples):
   batch_of = np.empty(len(run.ids), np.int64)
   for b, members in enumerate(batches):
     batch_of[members] = b
-  write_labels(os.path.join(workdir, LABELS_FILE), run.ids, run.labels,
-               run.log_p_false, run.log_p_true, batch=batch_of)
+  write_labels(storage.join(workdir, LABELS_FILE), run.ids, run.labels,
+               run.log_p_false, run.log_p_true, batch=batch_of,
+               **example_columns(examples))
   summary = {"num_examples": len(run.ids),
              "labelled": int((run.labels != UNLABELLED).sum()),
              "gold_agreement": run.gold_agreement,
              "batches": [dict(dataclasses.asdict(r), host_share=r.host_share)
                          for r in run.batches]}
-  with open(os.path.join(workdir, SUMMARY_FILE), "w") as f:
-    json.dump(summary, f, indent=1)
+  storage.write_text(storage.join(workdir, SUMMARY_FILE),
+                     json.dumps(summary, indent=1))
   unlabelled = int((run.labels == UNLABELLED).sum())
   if unlabelled:
     log.warning("%d of %d examples were never labelled (max_iterations too "

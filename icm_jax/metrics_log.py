@@ -1,4 +1,4 @@
-"""Resumable JSON-lines metrics: one record per iteration/step, flushed as written.
+"""Resumable JSON-lines metrics: one record per iteration/step (icm_jax.storage).
 
 Shared by the search (metrics.jsonl, keyed by "iteration") and the trainer
 (train_metrics.jsonl, keyed by "step"). A resumed run first drops the lines
@@ -10,11 +10,11 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import tempfile
 from typing import Optional
 
 import numpy as np
+
+from icm_jax import storage
 
 
 def jsonable(record: dict) -> dict:
@@ -38,28 +38,24 @@ class MetricsLog:
 
   def __init__(self, path: str, resume: Optional[int] = None,
                key: str = "iteration"):
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
     kept = []
-    if resume is not None and os.path.exists(path):
-      with open(path) as f:
-        for line in f:
-          try:
-            record = json.loads(line)
-          except json.JSONDecodeError:
-            break  # a line cut by the kill; everything after is redone
-          if record[key] > resume:
-            break
-          kept.append(line if line.endswith("\n") else line + "\n")
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp_", suffix=".jsonl")
-    with os.fdopen(fd, "w") as f:
-      f.writelines(kept)
-    os.replace(tmp, path)
-    self._file = open(path, "a")
+    if resume is not None and storage.exists(path):
+      for line in storage.read_text(path).splitlines(keepends=True):
+        try:
+          record = json.loads(line)
+        except json.JSONDecodeError:
+          break  # a line cut by the kill; everything after is redone
+        if record[key] > resume:
+          break
+        kept.append(line if line.endswith("\n") else line + "\n")
+    self._log = storage.LineLog(path, kept)
 
   def write(self, record: dict) -> None:
-    self._file.write(json.dumps(jsonable(record)) + "\n")
-    self._file.flush()
+    self._log.write(json.dumps(jsonable(record)) + "\n")
+
+  def flush(self) -> None:
+    """Makes every record so far visible (object stores upload lazily)."""
+    self._log.flush()
 
   def close(self) -> None:
-    self._file.close()
+    self._log.close()

@@ -10,7 +10,8 @@ model or dataset is loaded.
 Sections:
   stages        "label,train,eval" (any subset; each reads what the previous
                 stages wrote to the workdir)
-  task          a built-in task {"name": ..., its options} or a generic one
+  task          a built-in task {"name": ..., its options} or a generic one;
+                every generic key (template, consistency, ...) is settable
                 (see icm_jax.tasks.config)
   data          train/test files ("" = the task's bundled file), split and
                 example limits
@@ -32,6 +33,7 @@ import ml_collections
 from ml_collections import config_dict
 
 from icm_jax.model.config import ATTENTION_IMPLS
+from icm_jax.tasks.config import GENERIC_KEYS
 from icm_jax.scoring.scorer import ScoringConfig
 from icm_jax.search.config import SearchConfig
 from icm_jax.training.config import TrainConfig
@@ -59,6 +61,15 @@ def _dataclass_section(cls) -> ml_collections.ConfigDict:
       {f.name: f.default for f in dataclasses.fields(cls)})
 
 
+def task_section(name: str) -> ml_collections.ConfigDict:
+  """`name` and every generic task key (icm_jax.tasks.config), unset, so any
+  of them can be given by --config.task.KEY=... (None keeps the task's own)."""
+  tuple_keys = ("pair_fields", "strip_newlines")
+  section = {k: config_dict.placeholder(tuple if k in tuple_keys else str)
+             for k in GENERIC_KEYS}
+  return ml_collections.ConfigDict(dict(section, name=name))
+
+
 def default_config() -> ml_collections.ConfigDict:
   """Every key main.py reads, with its default."""
   c = ml_collections.ConfigDict()
@@ -67,7 +78,7 @@ def default_config() -> ml_collections.ConfigDict:
   # Label seeds: "" = one search with search.seed; "0,1,2" runs the label
   # stage once per seed (search.seed = each) and reports mean ± sd.
   c.seeds = ""
-  c.task = ml_collections.ConfigDict({"name": "truthfulqa"})
+  c.task = task_section("truthfulqa")
   c.data = ml_collections.ConfigDict(dict(
       train="",          # records file or "tfds:<name>/<split>"; "" = bundled
       test="",
@@ -86,7 +97,9 @@ def default_config() -> ml_collections.ConfigDict:
       random_init=config_dict.placeholder(dict),
       tokenizer="",     # "" = the checkpoint's own
       dtype="auto",     # compute dtype for scoring/eval: auto = bf16 on TPU/GPU
-      param_dtype="float32",
+      # Stored dtype of the params for scoring/eval: auto = bf16 on TPU/GPU
+      # (half the memory; fine-tuning still keeps float32 master weights).
+      param_dtype="auto",
       max_context=0,    # 0 = the model's max_position_embeddings
       # auto = Pallas splash kernel on TPU, XLA attention on CPU/GPU.
       attention="auto",
@@ -256,9 +269,9 @@ def parse_config(config: ml_collections.ConfigDict) -> RunConfig:
   if model.dtype not in ("auto",) + MODEL_DTYPES:
     raise ConfigError(f"model.dtype={model.dtype!r} not in "
                       f"{('auto',) + MODEL_DTYPES}")
-  if model.param_dtype not in MODEL_DTYPES:
+  if model.param_dtype not in ("auto",) + MODEL_DTYPES:
     raise ConfigError(f"model.param_dtype={model.param_dtype!r} not in "
-                      f"{MODEL_DTYPES}")
+                      f"{('auto',) + MODEL_DTYPES}")
   _positive_int(model.max_context, "model.max_context", allow_zero=True)
   if model.attention not in ATTENTION_IMPLS:
     raise ConfigError(f"model.attention={model.attention!r} not in "

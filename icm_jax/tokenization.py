@@ -62,6 +62,11 @@ class ExampleTokens:
   def demo_length(self, index: int) -> int:
     return len(self.prompts[index]) + 1 + len(self.separator)
 
+  def subset(self, indices) -> "ExampleTokens":
+    """The pieces of the examples at `indices`, in that order."""
+    return dataclasses.replace(self, ids=tuple(self.ids[i] for i in indices),
+                               prompts=tuple(self.prompts[i] for i in indices))
+
 
 def _spelling(word: str) -> str:
   return word.strip().casefold()

@@ -93,7 +93,7 @@ def test_icm_on_smollm2_end_to_end(tmp_path, smollm2, mode, n, iterations):
   assert [r["id"] for r in labels] == [e.id for e in examples]
   assert [r["label"] for r in labels] == [None if l < 0 else int(l)
                                           for l in run.labels]
-  assert all(np.isfinite(r["score"]) for r in labels)
+  assert all(np.isfinite(r["log_odds"]) for r in labels)
   metrics = read_jsonl(tmp_path / "batch_000" / "metrics.jsonl")
   assert [m["iteration"] for m in metrics] == list(range(iterations + 1))
   for m in metrics:

@@ -229,7 +229,7 @@ def test_outputs_are_well_formed(tmp_path, iterations):
   if iterations == 3:  # 8 seeds + at most 3 more: most examples unlabelled
     assert sum(r["label"] is None for r in labels) >= 13
   for r in labels:
-    assert r["score"] == pytest.approx(r["log_p_true"] - r["log_p_false"])
+    assert r["log_odds"] == pytest.approx(r["log_p_true"] - r["log_p_false"])
   metrics = [json.loads(l) for l in open(tmp_path / "metrics.jsonl")]
   assert [m["iteration"] for m in metrics] == list(range(iterations + 1))
   for m in metrics:

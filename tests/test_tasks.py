@@ -2,6 +2,7 @@
 
 import collections
 import copy
+import dataclasses
 import filecmp
 import json
 import logging
@@ -315,20 +316,20 @@ def test_task_from_config_jsonl(tmp_path):
   path = tmp_path / "mine.jsonl"
   path.write_text("\n".join(json.dumps(r) for r in rows))
   cfg = ml_collections.ConfigDict({
-      "name": "mine", "path": str(path),
+      "name": "mine",
       "template": "Claim: {text}\nThis is", "group_field": "topic",
       "consistency": "keyed", "key_field": "final", "label_field": "gold",
       "id_field": "uid", "true_word": " right", "false_word": " wrong"})
   task = task_from_config(cfg)
   assert (task.true_word, task.false_word) == (" right", " wrong")
-  examples = load_examples(task, cfg.path)
+  examples = load_examples(task, str(path))
   assert [(e.id, e.prompt, e.group, e.key, e.gold) for e in examples[:2]] == [
       ("r0", "Claim: claim 0\nThis is", "0", "0", 1),
       ("r1", "Claim: claim 1\nThis is", "0", "1", 0)]
 
 
 def test_task_from_config_builtin_and_pairs():
-  assert task_from_config({"name": "gsm8k", "path": "x"}) == get_task("gsm8k")
+  assert task_from_config({"name": "gsm8k"}) == get_task("gsm8k")
   assert task_from_config(
       {"name": "truthfulqa", "consistency_keys": "official_gold_leak"}
   ) == get_task("truthfulqa", consistency_keys="official_gold_leak")
@@ -341,6 +342,42 @@ def test_task_from_config_builtin_and_pairs():
       get_task("alpaca").examples(records, "a"))
 
 
+def test_every_generic_key_set_as_flags_would_set_it():
+  """Values as absl/ml_collections pass them: escapes unexpanded, tuples as
+  one comma-joined string, "" for "no such field", None for "unset"."""
+  task = task_from_config({
+      "name": "custom", "template": "Claim: {claim}\\nI think this claim is",
+      "consistency": "none", "group_field": None, "key_field": None,
+      "key_from": None, "label_field": "", "id_field": "uid",
+      "false_word": " no", "true_word": " yes", "pair_fields": ("a,b",),
+      "strip_newlines": ("claim",)})
+  assert task == Task(name="custom", template="Claim: {claim}\nI think this "
+                      "claim is", label_field=None, id_field="uid",
+                      false_word=" no", true_word=" yes", pair_fields=("a", "b"),
+                      strip_newlines=("claim",))
+  # A generic key beside a built-in name replaces that setting only.
+  sentiment = task_from_config({"name": "sentiment", "true_word": " Yes",
+                                "template": None})
+  assert sentiment == dataclasses.replace(get_task("sentiment"),
+                                          true_word=" Yes")
+
+
+def test_group_field_is_optional_without_consistency():
+  task = Task(name="t", template="Claim: {claim}\nTrue?")
+  records = [{"claim": "a", "label": 1}, {"claim": "b", "consistency_id": 5},
+             {"claim": "c", "consistency_id": 5}]
+  examples = task.examples(records, "f.jsonl")
+  assert [e.group for e in examples] == ["f.jsonl:0", "5", "5"]
+  alone = Task(name="t", template="Claim: {claim}\nTrue?", group_field=None)
+  assert [e.group for e in alone.examples(records, "f")] == ["f:0", "f:1",
+                                                             "f:2"]
+  keyed = Task(name="t", template="{claim}", consistency="keyed",
+               key_field="claim")
+  with pytest.raises(DataError, match=r"f record 0: field 'consistency_id' "
+                     "missing"):
+    keyed.examples(records, "f")
+
+
 @pytest.mark.parametrize("cfg,match", [
     ({"template": "Q: {q}", "consistency": "foo"},
      r"task.consistency='foo' not in \('none', 'keyed', 'comparative'\)"),
@@ -350,8 +387,14 @@ def test_task_from_config_builtin_and_pairs():
     ({"template": "Q: {q}", "key_from": "labels"}, r"task.key_from='labels'"),
     ({"template": "Q: {q}", "consistency": "keyed"}, "needs key_field"),
     ({"template": "Q: {q}", "key_field": "k"}, "consistency 'none' takes no"),
-    ({"template": "Q: {q}", "strip_newlines": "q"}, "task.strip_newlines"),
-    ({"name": "nosuch"}, r"task.template missing and task.name='nosuch'"),
+    ({"template": "Q: {q}", "strip_newlines": [3]}, "task.strip_newlines"),
+    ({"name": "nosuch"}, r"task.template is not set and task.name='nosuch'"),
+    ({"name": "gsm8k", "path": "x"}, r"task.path is not a task key: pass "
+     "the records file as data.train"),
+    ({"name": "sentiment", "consistency": "none"},
+     "consistency 'none' takes no keys"),
+    ({"template": "Q: {q}", "consistency": "keyed", "key_field": "k",
+      "group_field": ""}, "needs group_field"),
     ({"name": "gsm8k", "colour": 1}, r"task 'gsm8k': bad options"),
     ("gsm8k", "must be a dict"),
 ])

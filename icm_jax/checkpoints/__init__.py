@@ -12,8 +12,9 @@ from icm_jax.checkpoints.hf import (load_hf_config, load_hf_params,
                                     save_hf_checkpoint)
 from icm_jax.checkpoints.installed import smollm2_gguf_path
 from icm_jax.checkpoints.loader import (LoadedModel, checkpoint_format,
-                                        load_model, load_tokenizer)
+                                        load_model, load_model_config,
+                                        load_tokenizer)
 
 __all__ = ["CheckpointError", "TensorSource", "LoadedModel", "load_model",
-           "load_tokenizer", "checkpoint_format", "load_gguf", "load_hf_config",
+           "load_model_config", "load_tokenizer", "checkpoint_format", "load_gguf", "load_hf_config",
            "load_hf_params", "save_hf_checkpoint", "smollm2_gguf_path"]

@@ -237,3 +237,10 @@ def load_gguf(path: str, *, param_shardings: ShardingsArg = None,
   params = build_params(source, config, param_shardings, strict=strict,
                         allowed_extra=(ROPE_FREQS,))
   return config, params
+
+
+def load_gguf_config(path: str,
+                     config_overrides: Optional[Mapping[str, Any]] = None
+                     ) -> LlamaConfig:
+  """The LlamaConfig of a GGUF file from its header alone (no tensor data)."""
+  return gguf_config(_open_reader(os.fspath(path)), path, config_overrides)

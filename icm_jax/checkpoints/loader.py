@@ -6,7 +6,7 @@ import os
 from typing import Any, Mapping, NamedTuple, Optional
 
 from icm_jax.checkpoints.common import CheckpointError, ShardingsArg
-from icm_jax.checkpoints.gguf import load_gguf
+from icm_jax.checkpoints.gguf import load_gguf, load_gguf_config
 from icm_jax.checkpoints.hf import load_hf_config, load_hf_params
 from icm_jax.model.config import LlamaConfig
 
@@ -55,6 +55,17 @@ def load_tokenizer(path: str):
   except Exception as e:
     raise CheckpointError(f"{path}: cannot load tokenizer: "
                           f"{type(e).__name__}: {e}") from e
+
+
+def load_model_config(path: str,
+                      config_overrides: Optional[Mapping[str, Any]] = None
+                      ) -> LlamaConfig:
+  """The LlamaConfig `load_model` would build, from metadata alone (HF
+  config.json or the GGUF header): checks before the weights load."""
+  path = os.fspath(path)
+  if checkpoint_format(path) == "gguf":
+    return load_gguf_config(path, config_overrides)
+  return load_hf_config(path, config_overrides)
 
 
 def load_model(path: str, *,

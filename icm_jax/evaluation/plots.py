@@ -7,6 +7,7 @@ works headless and leaves a notebook user's backend and current figure alone.
 
 from __future__ import annotations
 
+import io
 import json
 import math
 import os
@@ -15,6 +16,7 @@ from typing import Mapping, Sequence, Union
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
+from icm_jax import storage
 from icm_jax.evaluation.report import MethodResult, summarize
 
 # Keys every search metrics record must have to be plotted.
@@ -136,28 +138,27 @@ def read_metrics(path: str) -> list[dict]:
   numeric "iteration" and "U", and "gold_agreement" (if present) a number or
   null.
   """
-  if not os.path.isfile(path):
+  if not storage.exists(path):
     raise ValueError(f"metrics file {path} does not exist")
   records = []
-  with open(path) as f:
-    for line_no, line in enumerate(f, 1):
-      if not line.strip():
-        continue
-      where = f"metrics file {path} line {line_no}"
-      try:
-        record = json.loads(line)
-      except json.JSONDecodeError as e:
-        raise ValueError(f"{where}: not valid JSON ({e})") from e
-      if not isinstance(record, dict):
-        raise ValueError(f"{where}: expected a JSON object")
-      for key in _REQUIRED_KEYS:
-        if not _is_number(record.get(key)):
-          raise ValueError(f"{where}: {key!r} missing or not a finite number")
-      gold = record.get("gold_agreement")
-      if gold is not None and not _is_number(gold):
-        raise ValueError(f"{where}: 'gold_agreement' is {gold!r}, not a "
-                         "number or null")
-      records.append(record)
+  for line_no, line in enumerate(storage.read_text(path).splitlines(), 1):
+    if not line.strip():
+      continue
+    where = f"metrics file {path} line {line_no}"
+    try:
+      record = json.loads(line)
+    except json.JSONDecodeError as e:
+      raise ValueError(f"{where}: not valid JSON ({e})") from e
+    if not isinstance(record, dict):
+      raise ValueError(f"{where}: expected a JSON object")
+    for key in _REQUIRED_KEYS:
+      if not _is_number(record.get(key)):
+        raise ValueError(f"{where}: {key!r} missing or not a finite number")
+    gold = record.get("gold_agreement")
+    if gold is not None and not _is_number(gold):
+      raise ValueError(f"{where}: 'gold_agreement' is {gold!r}, not a "
+                       "number or null")
+    records.append(record)
   if not records:
     raise ValueError(f"metrics file {path} is empty")
   return records
@@ -169,12 +170,12 @@ def _is_number(value) -> bool:
 
 
 def _default_label(path: str) -> str:
-  parent = os.path.basename(os.path.dirname(os.path.abspath(path)))
-  return parent or os.path.basename(path)
+  parent = storage.basename(storage.dirname(path))
+  return parent or storage.basename(path)
 
 
 def _save(fig: Figure, path: str) -> str:
-  folder = os.path.dirname(os.path.abspath(path))
-  os.makedirs(folder, exist_ok=True)
-  fig.savefig(path, format="png", dpi=120)
+  png = io.BytesIO()
+  fig.savefig(png, format="png", dpi=120)
+  storage.write_bytes(path, png.getvalue())
   return path

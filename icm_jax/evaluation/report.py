@@ -14,12 +14,11 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
-import tempfile
 from typing import Optional, Sequence
 
 import numpy as np
 
+from icm_jax import storage
 from icm_jax.evaluation.decoding import group_consistent_labels, roc_auc
 
 
@@ -148,27 +147,16 @@ def write_report(path: str, results: Sequence[MethodResult],
             "summary": [dataclasses.asdict(s) for s in summarize(results)],
             **metadata}
   text = json.dumps(report, indent=2, allow_nan=False, default=_json_default)
-  folder = os.path.dirname(os.path.abspath(path))
-  os.makedirs(folder, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(dir=folder, prefix=".report-", suffix=".tmp")
-  try:
-    with os.fdopen(fd, "w") as f:
-      f.write(text + "\n")
-    os.replace(tmp, path)
-  except BaseException:
-    if os.path.exists(tmp):
-      os.remove(tmp)
-    raise
+  storage.write_text(path, text + "\n")
   return json.loads(text)
 
 
 def read_report(path: str) -> dict:
   """The dict write_report wrote; raises ValueError naming a malformed file."""
-  with open(path) as f:
-    try:
-      report = json.load(f)
-    except json.JSONDecodeError as e:
-      raise ValueError(f"{path}: not valid JSON ({e})") from e
+  try:
+    report = json.loads(storage.read_text(path))
+  except json.JSONDecodeError as e:
+    raise ValueError(f"{path}: not valid JSON ({e})") from e
   if not isinstance(report, dict) or not isinstance(report.get("results"),
                                                       list):
     raise ValueError(f"{path}: expected an object with a 'results' list")

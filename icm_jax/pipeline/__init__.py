@@ -13,10 +13,8 @@ share orbax checkpoints, which every process writes collectively.
 
 from __future__ import annotations
 
-import glob
 import json
 import logging
-import os
 import time
 from typing import Dict, Optional
 
@@ -24,6 +22,7 @@ import jax
 import ml_collections
 import numpy as np
 
+from icm_jax import storage
 from icm_jax.labelling import gold_agreement
 from icm_jax.pipeline.eval_stage import needed_variants, run_eval_stage
 from icm_jax.pipeline.inputs import load_inputs, load_model_for_run
@@ -33,7 +32,7 @@ from icm_jax.pipeline.train_stage import (export_icm_model, finetune,
                                           training_labels)
 from icm_jax.run_config import parse_config
 from icm_jax.sharding import create_mesh, initialize_distributed
-from icm_jax.tensorboard import EventWriter
+from icm_jax.pipeline.events import EventWriter
 
 log = logging.getLogger(__name__)
 
@@ -45,13 +44,12 @@ def process_workdir(workdir: str, process_index: int) -> str:
   """Where this process keeps its own (non-collective) files."""
   if process_index == 0:
     return workdir
-  return os.path.join(workdir, f".process_{process_index:03d}")
+  return storage.join(workdir, f".process_{process_index:03d}")
 
 
 def trajectory_files(label_dir: str) -> Dict[str, str]:
-  files = sorted(glob.glob(os.path.join(label_dir, "**", "metrics.jsonl"),
-                           recursive=True))
-  return {os.path.relpath(os.path.dirname(f), label_dir): f for f in files}
+  files = storage.glob(label_dir, "**/metrics.jsonl")
+  return {storage.relpath(storage.dirname(f), label_dir): f for f in files}
 
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
@@ -60,23 +58,38 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   process_index, process_count = initialize_distributed()
   writer = process_index == 0
   own_dir = process_workdir(workdir, process_index)
-  os.makedirs(own_dir, exist_ok=True)
-  if writer:
-    with open(os.path.join(workdir, CONFIG_FILE), "w") as f:
-      f.write(config.to_json_best_effort(indent=1, sort_keys=True))
-  log.info("process %d of %d; %d devices (%s); workdir %s", process_index,
-           process_count, jax.device_count(), jax.default_backend(), workdir)
+  storage.check_writable(own_dir)
   inputs = load_inputs(cfg)
-  mesh = create_mesh(cfg.mesh)
-  model = load_model_for_run(cfg, mesh)
-  events = EventWriter(os.path.join(workdir, "tensorboard"),
-                       enabled=writer and cfg.tensorboard)
-  outputs = {}
-  finetuned_cache = {}
+  needed = needed_variants(cfg.eval_methods, inputs.task.consistency)
+  variants = ["icm"] + [v for v in needed if v != "icm"]
   multi_seed = len(cfg.seeds) > 1
 
   def layout_seed(seed):  # the single-seed layout has no seed_NNN/ folder
     return seed if multi_seed else None
+
+  # Earlier stages' labels are read before the model loads (a missing file
+  # fails in seconds).
+  label_sets = {}
+  if "label" not in cfg.stages and {"train", "eval"} & set(cfg.stages):
+    for variant in variants:
+      for seed in cfg.seeds:
+        try:
+          label_sets[(variant, seed)] = read_labels(own_dir, variant,
+                                                    layout_seed(seed))
+        except FileNotFoundError:
+          if "train" in cfg.stages or variant in needed:
+            raise
+  if writer:
+    storage.write_text(storage.join(workdir, CONFIG_FILE),
+                       config.to_json_best_effort(indent=1, sort_keys=True))
+  log.info("process %d of %d; %d devices (%s); workdir %s", process_index,
+           process_count, jax.device_count(), jax.default_backend(), workdir)
+  mesh = create_mesh(cfg.mesh)
+  model = load_model_for_run(cfg, mesh, inputs)
+  events = EventWriter(storage.join(workdir, "tensorboard"),
+                       enabled=writer and cfg.tensorboard)
+  outputs = {}
+  finetuned_cache = {}
 
   def finetuned(source: str, labels=None, name: Optional[str] = None):
     name = name or source
@@ -93,9 +106,6 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     name = "icm" if not multi_seed else f"icm_seed_{seed:03d}"
     return finetuned("icm", label_sets[("icm", seed)], name=name)
 
-  needed = needed_variants(cfg.eval_methods, inputs.task.consistency)
-  variants = ["icm"] + [v for v in needed if v != "icm"]
-  label_sets = {}
   with events:
     if "label" in cfg.stages:
       t = time.perf_counter()
@@ -113,16 +123,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
               variant=variant, seed=layout_seed(seed))
       log.info("label stage: %.1f s", time.perf_counter() - t)
       outputs["labels"] = labels_path(workdir, seed=layout_seed(cfg.seeds[0]))
-      _log_search_events(events, os.path.join(own_dir, LABEL_DIR))
-    elif {"train", "eval"} & set(cfg.stages):
-      for variant in variants:
-        for seed in cfg.seeds:
-          try:
-            label_sets[(variant, seed)] = read_labels(
-                own_dir, variant, layout_seed(seed))
-          except FileNotFoundError:
-            if "train" in cfg.stages or variant in needed:
-              raise
+      _log_search_events(events, storage.join(own_dir, LABEL_DIR))
     if "train" in cfg.stages:
       t = time.perf_counter()
       for seed in cfg.seeds:
@@ -140,16 +141,16 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
       run_eval_stage(cfg, inputs, model, mesh, workdir, label_sets,
                      finetuned_on, writer, events, metadata)
       log.info("eval stage: %.1f s", time.perf_counter() - t)
-      outputs["report"] = os.path.join(workdir, "report.json")
-      outputs["accuracy_plot"] = os.path.join(workdir, "accuracy.png")
+      outputs["report"] = storage.join(workdir, "report.json")
+      outputs["accuracy_plot"] = storage.join(workdir, "accuracy.png")
   if writer:
-    files = trajectory_files(os.path.join(workdir, LABEL_DIR))
+    files = trajectory_files(storage.join(workdir, LABEL_DIR))
     if files:
       from icm_jax.evaluation.plots import plot_search_trajectory
       outputs["trajectory_plot"] = plot_search_trajectory(
-          files, os.path.join(workdir, TRAJECTORY_PLOT))
+          files, storage.join(workdir, TRAJECTORY_PLOT))
     if cfg.tensorboard:
-      outputs["tensorboard"] = os.path.join(workdir, "tensorboard")
+      outputs["tensorboard"] = storage.join(workdir, "tensorboard")
   return outputs
 
 
@@ -170,10 +171,9 @@ def _icm_summary(inputs, icm_labels) -> Optional[dict]:
 def _log_search_events(events, label_dir: str) -> None:
   """The searches' metrics.jsonl as TensorBoard scalars (U, P, I, agreement)."""
   for name, path in trajectory_files(label_dir).items():
-    with open(path) as f:
-      for line in f:
-        record = json.loads(line)
-        values = {f"search/{name}/{k}": record[k]
-                  for k in ("U", "P", "I", "gold_agreement", "labelled")
-                  if record.get(k) is not None}
-        events.scalars(values, int(record["iteration"]))
+    for line in storage.read_text(path).splitlines():
+      record = json.loads(line)
+      values = {f"search/{name}/{k}": record[k]
+                for k in ("U", "P", "I", "gold_agreement", "labelled")
+                if record.get(k) is not None}
+      events.scalars(values, int(record["iteration"]))

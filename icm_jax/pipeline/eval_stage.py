@@ -18,11 +18,11 @@ ICM-derived rows and many_shot_random get one row per label seed. Writes
 from __future__ import annotations
 
 import logging
-import os
 from typing import Callable, Dict, List, Optional, Tuple
 
 import numpy as np
 
+from icm_jax import storage
 from icm_jax.evaluation.bootstrap import bootstrap_labels
 from icm_jax.evaluation.prompting import (label_log_probs,
                                           select_demonstrations)
@@ -171,10 +171,10 @@ def run_eval_stage(cfg: RunConfig, inputs: Inputs, model: Model, mesh,
                 headline=headline_metric(inputs.task.consistency),
                 skipped=skipped)
   if write:
-    report = write_report(os.path.join(workdir, REPORT_FILE), results,
+    report = write_report(storage.join(workdir, REPORT_FILE), results,
                           **report)
     from icm_jax.evaluation.plots import plot_accuracy_bars
-    plot_accuracy_bars(results, os.path.join(workdir, ACCURACY_PLOT),
+    plot_accuracy_bars(results, storage.join(workdir, ACCURACY_PLOT),
                        title=f"{inputs.task.name}: {model.description}",
                        metric=headline_metric(inputs.task.consistency))
   return report

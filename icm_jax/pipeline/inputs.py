@@ -13,13 +13,15 @@ import os
 from typing import List, Optional, Sequence
 
 import jax
+import numpy as np
 
-from icm_jax.checkpoints import load_model, load_tokenizer
+from icm_jax import storage
+from icm_jax.checkpoints import load_model, load_model_config, load_tokenizer
 from icm_jax.model import LlamaConfig, param_shapes
 from icm_jax.run_config import ConfigError, RunConfig
 from icm_jax.sharding import init_sharded_params, param_shardings
-from icm_jax.tasks import (Example, Task, bundled_path, load_examples,
-                           split_by_group, task_from_config)
+from icm_jax.tasks import (DataError, Example, Task, bundled_path,
+                           load_examples, split_by_group, task_from_config)
 from icm_jax.tasks.bundled import BUNDLED
 
 log = logging.getLogger(__name__)
@@ -47,14 +49,26 @@ class Model:
 def _data_file(cfg: RunConfig, split: str, task: Task) -> str:
   value = cfg.data[split]
   if value:
-    if not value.startswith("tfds:") and not os.path.exists(value):
+    if not value.startswith("tfds:") and not storage.exists(value):
       raise ConfigError(f"data.{split}={value!r}: no such file")
     return value
   if (task.name, split) in BUNDLED:
     return bundled_path(task.name, split)
+  readers = ",".join(s for s in cfg.stages if split in splits_read_by((s,)))
   raise ConfigError(
       f"data.{split} is not set and task {task.name!r} has no bundled {split} "
-      f"file; pass --config.data.{split}=<records file or tfds:name/split>")
+      f"file; pass --config.data.{split}=<records file or tfds:name/split> "
+      f"(the {readers} stage reads it)")
+
+
+def splits_read_by(stages: Sequence[str]) -> set:
+  """The data splits the stages read: label and train read the train split,
+  eval reads the test split and the train split (its demonstration pool)."""
+  needed = set()
+  for stage in stages:
+    needed |= {"label": {"train"}, "train": {"train"},
+               "eval": {"train", "test"}}[stage]
+  return needed
 
 
 def _load(cfg: RunConfig, task: Task, split: str) -> List[Example]:
@@ -92,23 +106,73 @@ def first_whole_groups(examples: Sequence[Example], limit: int,
 
 
 def load_inputs(cfg: RunConfig) -> Inputs:
+  """The examples the configured stages read, checked before any model
+  loads: a split no stage reads is not opened (it stays empty)."""
   try:
     task = task_from_config(cfg.task)
   except ValueError as e:
     raise ConfigError(str(e)) from e
+  needed = splits_read_by(cfg.stages)
+  train, test = [], []
   if cfg.data.split_from_test:
     records = _load(cfg, task, "test")
     train, test = split_by_group(records, cfg.data.test_fraction,
                                  seed=cfg.seed)
   else:
-    train, test = _load(cfg, task, "train"), _load(cfg, task, "test")
+    if "train" in needed:
+      train = _load(cfg, task, "train")
+    if "test" in needed:
+      test = _load(cfg, task, "test")
   train = first_whole_groups(train, cfg.data.max_train_examples,
                              "data.max_train_examples")
   test = first_whole_groups(test, cfg.data.max_test_examples,
                             "data.max_test_examples")
+  if "eval" in cfg.stages:
+    _check_gold(task, test, "test")
   log.info("task %s: %d train examples, %d test examples", task.name,
            len(train), len(test))
   return Inputs(task, train, test)
+
+
+def _check_gold(task: Task, examples: Sequence[Example], split: str) -> None:
+  """The eval stage scores against gold: every test example needs one."""
+  for e in examples:
+    if e.gold is None:
+      field = task.label_field
+      where = (f"task.label_field is None" if field is None else
+               f"field {field!r} missing")
+      raise DataError(
+          f"{e.id}: {where}; the eval stage needs a gold label on every "
+          f"{split} example (or run --config.stages=label)")
+
+
+def check_prompts_fit(cfg: RunConfig, inputs: Inputs, tokenizer,
+                      context: int) -> None:
+  """Every prompt the stages build fits the model context, checked with the
+  tokenizer before the weights load: one example with its label word, and
+  (label stage) every search batch's leave-one-out prompt."""
+  from icm_jax.labelling import check_fits_context
+  from icm_jax.search import split_into_batches
+  examples = list(inputs.train) + list(inputs.test)
+  if not examples:
+    return
+  tokens = example_tokens(cfg, inputs.task, tokenizer, examples)
+  lengths = len(tokens.header) + tokens.prompt_lengths + 1
+  for i in np.flatnonzero(lengths > context)[:1]:
+    raise DataError(f"{examples[i].id}: the prompt is {int(lengths[i])} "
+                    f"tokens with its label word, over the model context "
+                    f"{context} (model.max_context)")
+  if "label" not in cfg.stages:
+    return
+  groups = [e.group for e in inputs.train]
+  for seed in cfg.seeds:
+    for b, members in enumerate(split_into_batches(
+        groups, cfg.label_batch_size, seed)):
+      try:
+        check_fits_context(tokens.subset(members), context, b)
+      except ValueError as e:
+        raise ConfigError(f"label.batch_size={cfg.label_batch_size}: {e}"
+                          ) from None
 
 
 def compute_dtype(name: str) -> str:
@@ -118,12 +182,15 @@ def compute_dtype(name: str) -> str:
   return "float32" if jax.default_backend() == "cpu" else "bfloat16"
 
 
-def load_model_for_run(cfg: RunConfig, mesh) -> Model:
+def load_model_for_run(cfg: RunConfig, mesh, inputs: Inputs) -> Model:
+  """The model, after the checks that need only its config and tokenizer
+  (vocabulary, label words, every prompt within the context) have passed."""
   overrides = {"dtype": compute_dtype(cfg.model.dtype),
-               "param_dtype": cfg.model.param_dtype,
+               "param_dtype": compute_dtype(cfg.model.param_dtype),
                "attention": cfg.model.attention}
   if cfg.model.max_context:
     overrides["max_position_embeddings"] = int(cfg.model.max_context)
+  path = cfg.model.path
   if cfg.model.random_init is not None:
     arch = dict(cfg.model.random_init)
     arch.update(overrides)
@@ -131,24 +198,24 @@ def load_model_for_run(cfg: RunConfig, mesh) -> Model:
       config = LlamaConfig(**arch)
     except (TypeError, ValueError) as e:
       raise ConfigError(f"model.random_init: {e}") from e
-    params = init_sharded_params(config, mesh, jax.random.key(cfg.seed))
-    tokenizer = load_tokenizer(cfg.model.tokenizer)
     description = f"random {config.num_layers}-layer Llama (seed {cfg.seed})"
   else:
-    path = cfg.model.path
     if not os.path.exists(path):
       raise ConfigError(f"model.path={path!r}: no such file or directory")
-    loaded = load_model(
-        path, config_overrides=overrides,
-        param_shardings=lambda c: param_shardings(param_shapes(c), mesh),
-        with_tokenizer=not cfg.model.tokenizer)
-    config, params, tokenizer = loaded
-    if cfg.model.tokenizer:
-      tokenizer = load_tokenizer(cfg.model.tokenizer)
+    config = load_model_config(path, overrides)
     description = os.path.basename(os.path.normpath(path))
+  tokenizer = load_tokenizer(cfg.model.tokenizer or path)
   if len(tokenizer) > config.vocab_size:
     raise ConfigError(f"model.tokenizer has {len(tokenizer)} tokens but the "
                       f"model's vocab_size is {config.vocab_size}")
+  check_prompts_fit(cfg, inputs, tokenizer, config.max_position_embeddings)
+  if cfg.model.random_init is not None:
+    params = init_sharded_params(config, mesh, jax.random.key(cfg.seed))
+  else:
+    config, params, _ = load_model(
+        path, config_overrides=overrides,
+        param_shardings=lambda c: param_shardings(param_shapes(c), mesh),
+        with_tokenizer=False)
   return Model(config, params, tokenizer, description)
 
 

@@ -18,18 +18,19 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import os
 from typing import Dict, Optional
 
 import numpy as np
 
-from icm_jax.labelling import model_scorer_factory, run_icm
+from icm_jax import storage
+from icm_jax.labelling import (example_columns, model_scorer_factory,
+                               run_icm)
 from icm_jax.pipeline.inputs import Inputs, Model
 from icm_jax.run_config import RunConfig
 from icm_jax.search import split_into_batches
 from icm_jax.search.consistency import UNLABELLED
 from icm_jax.search.outputs import write_labels
-from icm_jax.tasks import Task
+from icm_jax.tasks import DataError, Task
 
 log = logging.getLogger(__name__)
 
@@ -47,12 +48,12 @@ def variant_dir(workdir: str, variant: str = "icm",
   parts = [workdir, LABEL_DIR, _VARIANT_DIRS[variant]]
   if seed is not None:
     parts.append(f"seed_{seed:03d}")
-  return os.path.join(*[p for p in parts if p])
+  return storage.join(*[p for p in parts if p])
 
 
 def labels_path(workdir: str, variant: str = "icm",
                 seed: Optional[int] = None) -> str:
-  return os.path.join(variant_dir(workdir, variant, seed), LABELS_FILE)
+  return storage.join(variant_dir(workdir, variant, seed), LABELS_FILE)
 
 
 def without_consistency(task: Task) -> Task:
@@ -66,18 +67,18 @@ def read_labels(workdir: str, variant: str = "icm",
                 seed: Optional[int] = None) -> Dict[str, Optional[int]]:
   """id -> ICM label (None if the search never labelled it)."""
   path = labels_path(workdir, variant, seed)
-  if not os.path.exists(path):
+  if not storage.exists(path):
     raise FileNotFoundError(
         f"{path} does not exist: run the 'label' stage first "
         "(--config.stages=label,...)")
   labels = {}
-  with open(path) as f:
-    for n, line in enumerate(f, 1):
-      try:
-        record = json.loads(line)
-        labels[record["id"]] = record["label"]
-      except (json.JSONDecodeError, KeyError) as e:
-        raise ValueError(f"{path}:{n}: malformed labels line: {e}") from e
+  for n, line in enumerate(storage.read_text(path).splitlines(), 1):
+    try:
+      record = json.loads(line)
+      labels[record["id"]] = record["label"]
+    except (json.JSONDecodeError, KeyError, TypeError) as e:
+      raise DataError(f"{path} line {n}: malformed labels line ({e})"
+                      ) from None
   return labels
 
 
@@ -120,7 +121,7 @@ def run_label_stage(cfg: RunConfig, inputs: Inputs, model: Model, mesh,
     run = run_icm(batch_examples, scorer_factory=model_scorer_factory(
         model.config, params, cfg.scoring, mesh=mesh),
                   batch_size=len(batch_examples),
-                  workdir=os.path.join(label_dir, f"iteration_{k:03d}"),
+                  workdir=storage.join(label_dir, f"iteration_{k:03d}"),
                   **dict(common, search=search))
     labels[members] = run.labels
     log_p[:, members] = run.log_p_false, run.log_p_true
@@ -130,7 +131,8 @@ def run_label_stage(cfg: RunConfig, inputs: Inputs, model: Model, mesh,
     if k + 1 < len(batches):
       # M_k: M0 fine-tuned on every ICM label so far; it labels batch k+1.
       params = finetune(examples, labels, f"iteration_{k:03d}")
-  write_labels(os.path.join(label_dir, LABELS_FILE), [e.id for e in examples], labels,
-               log_p[0], log_p[1], batch=batch_of)
+  write_labels(storage.join(label_dir, LABELS_FILE), [e.id for e in examples],
+               labels, log_p[0], log_p[1], batch=batch_of,
+               **example_columns(examples))
   return {e.id: (None if l == UNLABELLED else int(l))
           for e, l in zip(examples, labels)}

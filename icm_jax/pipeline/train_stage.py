@@ -11,11 +11,14 @@ an HF checkpoint to `<workdir>/model_icm/`.
 from __future__ import annotations
 
 import logging
-import os
+import tempfile
 from typing import Dict, List, Optional, Sequence, Tuple
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 
+from icm_jax import storage
 from icm_jax.checkpoints import save_hf_checkpoint
 from icm_jax.pipeline.inputs import Model, example_tokens
 from icm_jax.run_config import RunConfig
@@ -29,7 +32,7 @@ EXPORT_DIR = "model_icm"
 
 
 def train_dir(workdir: str, name: str) -> str:
-  return os.path.join(workdir, f"train_{name}")
+  return storage.join(workdir, f"train_{name}")
 
 
 def training_labels(source: str, examples: Sequence[Example],
@@ -80,7 +83,11 @@ def finetune(cfg: RunConfig, task: Task, model: Model, mesh,
       events.scalars({f"train_{name}/{k}": v for k, v in record.items()
                       if k in ("loss", "learning_rate", "grad_norm")}, step)
 
-  result = train(model.config, model.params, tokens, np.asarray(labels),
+  # Optimizer updates at lr ~1e-5 vanish when added to bfloat16 weights
+  # (8 mantissa bits): train float32 master weights whatever the stored dtype.
+  config = model.config.replace(param_dtype="float32")
+  params = jax.tree.map(lambda x: x.astype(jnp.float32), model.params)
+  result = train(config, params, tokens, np.asarray(labels),
                  cfg.train, mesh=mesh, workdir=train_dir(workdir, name),
                  metrics_callback=forward_metrics, progress=cfg.progress)
   if result.steps:
@@ -91,6 +98,13 @@ def finetune(cfg: RunConfig, task: Task, model: Model, mesh,
 
 def export_icm_model(model: Model, params, workdir: str) -> str:
   """HF checkpoint of the ICM-fine-tuned model (every process calls this)."""
-  out = os.path.join(workdir, EXPORT_DIR)
-  save_hf_checkpoint(params, model.config, out, tokenizer=model.tokenizer)
+  out = storage.join(workdir, EXPORT_DIR)
+  if not storage.is_url(out):
+    save_hf_checkpoint(params, model.config, out, tokenizer=model.tokenizer)
+    return out
+  # safetensors and tokenizers write local files: stage there, then upload.
+  with tempfile.TemporaryDirectory(prefix="icm_jax_export_") as local:
+    save_hf_checkpoint(params, model.config, local, tokenizer=model.tokenizer)
+    if jax.process_index() == 0:
+      storage.copy_tree(local, out)
   return out

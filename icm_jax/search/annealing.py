@@ -20,12 +20,12 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
-import os
 import time
 from typing import Callable, Optional, Sequence
 
 import numpy as np
 
+from icm_jax import storage
 from icm_jax.metrics_log import MetricsLog
 from icm_jax.search import state as state_lib
 from icm_jax.search.config import SearchConfig
@@ -339,11 +339,11 @@ class ICMSearch:
     start = time.perf_counter()
     self.score_seconds, self.score_calls = 0.0, 0
     cfg = self.config
-    path = os.path.join(workdir, STATE_FILE) if workdir else None
+    path = storage.join(workdir, STATE_FILE) if workdir else None
     st = state_lib.load(path, self._fingerprint) if path else None
     metrics = None
     if workdir:
-      metrics = MetricsLog(os.path.join(workdir, METRICS_FILE),
+      metrics = MetricsLog(storage.join(workdir, METRICS_FILE),
                            resume=None if st is None else st.iteration)
     if st is not None:
       log.info("resuming the search from %s at iteration %d", path,
@@ -377,6 +377,7 @@ class ICMSearch:
                         labelled=f"{record['labelled']}/{self.n}",
                         refresh=False)
         if path and st.iteration % cfg.checkpoint_every == 0:
+          metrics.flush()  # never behind the checkpoint it resumes from
           state_lib.save(path, st, self._fingerprint)
         if after_iteration is not None:
           after_iteration(st)
@@ -387,7 +388,7 @@ class ICMSearch:
     lf, lt = self._final_scores(st)
     if path:
       state_lib.save(path, st, self._fingerprint)
-      write_labels(os.path.join(workdir, LABELS_FILE), self.ids, st.labels,
+      write_labels(storage.join(workdir, LABELS_FILE), self.ids, st.labels,
                    lf, lt)
     c = st.current
     return SearchResult(self.ids, st.labels.copy(), lf, lt, c.utility,

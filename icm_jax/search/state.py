@@ -11,11 +11,11 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import os
-import tempfile
 from typing import Optional
 
 import numpy as np
+
+from icm_jax import storage
 
 FORMAT_VERSION = 1
 # Config fields a resumed run may change: they do not alter past decisions.
@@ -83,28 +83,15 @@ def fingerprint(config_dict: dict, ids) -> dict:
 
 def save(path: str, state: SearchState, fp: dict) -> None:
   """Write atomically: a kill leaves either the old or the new checkpoint."""
-  folder = os.path.dirname(os.path.abspath(path))
-  os.makedirs(folder, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(prefix=".search_state.", dir=folder)
-  try:
-    with os.fdopen(fd, "w") as f:
-      json.dump(state.to_json(fp), f)
-      f.flush()
-      os.fsync(f.fileno())
-    os.replace(tmp, path)
-  except BaseException:
-    if os.path.exists(tmp):
-      os.unlink(tmp)
-    raise
+  storage.write_text(path, json.dumps(state.to_json(fp)))
 
 
 def load(path: str, fp: dict) -> Optional[SearchState]:
   """The checkpoint at `path` (None if absent), checked against `fp`."""
-  if not os.path.exists(path):
+  if not storage.exists(path):
     return None
   try:
-    with open(path) as f:
-      data = json.load(f)
+    data = json.loads(storage.read_text(path))
   except (OSError, json.JSONDecodeError) as e:
     raise ValueError(f"search checkpoint {path} is unreadable: {e}") from e
   if data.get("format_version") != FORMAT_VERSION:

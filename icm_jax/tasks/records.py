@@ -11,6 +11,8 @@ import json
 import os
 from typing import Any, Mapping, Optional
 
+from icm_jax import storage
+
 
 class DataError(ValueError):
   """Bad input data; the message names the file, record index and field."""
@@ -29,6 +31,10 @@ class Example:
   group: str           # consistency group
   key: Optional[str]   # consistency key; None when the task has no consistency
   gold: Optional[int]  # 0/1 gold label, or None when the record has none
+  # The source record's fields, written next to the label (labels.jsonl);
+  # not part of equality (two examples are the same claim, whatever else).
+  record: Mapping = dataclasses.field(default_factory=dict, compare=False,
+                                      repr=False)
 
 
 def record_error(source: str, index: int, field: str, problem: str) -> DataError:
@@ -78,20 +84,13 @@ def group_value(record: Mapping, field: str, source: str, index: int) -> str:
   return str(value)
 
 
-def load_records(path: str, *, data_dir: Optional[str] = None,
-                 manual_dir: Optional[str] = None) -> list[dict]:
-  """Records from a .json file (a list of objects) or .jsonl (one per line).
-
-  "tfds:<name>/<split>" reads a prepared TFDS dataset instead (see
-  `icm_jax.tasks.tfds_builders`; `data_dir`/`manual_dir` are passed there).
-  """
+def read_record_file(path: str) -> list[dict]:
+  """Records from a .json file (a list of objects) or .jsonl (one per line),
+  local or at a URL (gs://...)."""
   path = os.fspath(path)
-  if path.startswith("tfds:"):
-    # Imported here so JSON users never pay for importing tensorflow_datasets.
-    from icm_jax.tasks import tfds_builders
-    return tfds_builders.tfds_records(path[len("tfds:"):], data_dir=data_dir,
-                                      manual_dir=manual_dir)
-  name = os.path.basename(path)
+  name = storage.basename(path)
+  if not storage.exists(path):
+    raise DataError(f"{path}: no such file")
   if path.endswith(".jsonl"):
     records = _read_jsonl(path, name)
   elif path.endswith(".json"):
@@ -108,8 +107,7 @@ def load_records(path: str, *, data_dir: Optional[str] = None,
 
 
 def _read_json(path: str, name: str) -> list:
-  with open(path, encoding="utf-8") as f:
-    text = f.read()
+  text = _read_text(path, name)
   if not text.strip():
     raise DataError(f"{name}: empty file")
   try:
@@ -125,15 +123,22 @@ def _read_json(path: str, name: str) -> list:
 
 def _read_jsonl(path: str, name: str) -> list:
   records = []
-  with open(path, encoding="utf-8") as f:
-    for line_number, line in enumerate(f, start=1):
-      if not line.strip():
-        continue  # blank lines separate nothing; they hold no record
-      try:
-        records.append(json.loads(line))
-      except json.JSONDecodeError as e:
-        raise DataError(f"{name} line {line_number}: invalid JSON ({e.msg})"
-                        ) from None
+  for line_number, line in enumerate(_read_text(path, name).splitlines(), 1):
+    if not line.strip():
+      continue  # blank lines separate nothing; they hold no record
+    try:
+      records.append(json.loads(line))
+    except json.JSONDecodeError as e:
+      raise DataError(f"{name} line {line_number}: invalid JSON ({e.msg})"
+                      ) from None
   if not records:
     raise DataError(f"{name}: empty file")
   return records
+
+
+def _read_text(path: str, name: str) -> str:
+  try:
+    return storage.read_text(path)
+  except UnicodeDecodeError as e:
+    raise DataError(f"{name}: not UTF-8 text ({e.reason} at byte {e.start})"
+                    ) from None

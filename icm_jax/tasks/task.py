@@ -40,7 +40,9 @@ class Task:
   that ends without whitespace; the label words carry their leading space.
   `strip_newlines` names fields whose "\\n" are removed before rendering.
   `label_field` is read only into `Example.gold` (absent field: gold None),
-  except with `key_from="gold_label_leak"`.
+  except with `key_from="gold_label_leak"`. With consistency "none" the
+  group field is optional (`group_field=None`, or absent from a record):
+  such a record is a group of its own.
   """
 
   name: str
@@ -48,7 +50,7 @@ class Task:
   false_word: str = " False"
   true_word: str = " True"
   consistency: str = "none"
-  group_field: str = "consistency_id"
+  group_field: Optional[str] = "consistency_id"
   key_field: Optional[str] = None
   key_from: Optional[str] = None
   label_field: Optional[str] = "label"
@@ -73,6 +75,9 @@ class Task:
     if self.consistency != "none" and not has_key:
       raise ValueError(f"task {self.name!r}: consistency "
                        f"{self.consistency!r} needs key_field or key_from")
+    if self.consistency != "none" and self.group_field is None:
+      raise ValueError(f"task {self.name!r}: consistency "
+                       f"{self.consistency!r} needs group_field")
     if self.key_from == "gold_label_leak" and self.label_field is None:
       raise ValueError(f"task {self.name!r}: key_from 'gold_label_leak' needs "
                        "label_field")
@@ -150,9 +155,13 @@ class Task:
       example_id = text_field(record, self.id_field, source, index)
     else:
       example_id = f"{source}:{index}"
-    return Example(id=example_id, prompt=prompt,
-                   group=group_value(record, self.group_field, source, index),
-                   key=key, gold=gold)
+    if self.consistency == "none" and (self.group_field is None or
+                                       self.group_field not in record):
+      group = example_id  # no constraint between records: a group each
+    else:
+      group = group_value(record, self.group_field, source, index)
+    return Example(id=example_id, prompt=prompt, group=group, key=key,
+                   gold=gold, record=dict(record))
 
   def _pair_order_keys(self, records, rows, source) -> list:
     """"A>B"/"B>A" per row from the order of the pair fields (no labels)."""
@@ -193,17 +202,3 @@ def _check_unique_ids(rows, source, id_field):
                          f"duplicate id {row.id!r} (first at record "
                          f"{seen[row.id]})")
     seen[row.id] = index
-
-
-def source_name(path: str) -> str:
-  """How errors and example ids name a records path: file name or tfds name."""
-  path = str(path)
-  if path.startswith("tfds:"):
-    return path[len("tfds:"):]
-  return path.replace("\\", "/").rsplit("/", 1)[-1]
-
-
-def load_examples(task: Task, path: str, **load_options) -> list[Example]:
-  """`task.examples` of the records at `path` (see `load_records`)."""
-  from icm_jax.tasks.records import load_records
-  return task.examples(load_records(path, **load_options), source_name(path))

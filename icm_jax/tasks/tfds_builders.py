@@ -28,7 +28,7 @@ import tensorflow_datasets as tfds
 
 from icm_jax.tasks import bundled, splits
 from icm_jax.tasks.builtin import get_task
-from icm_jax.tasks.records import (DataError, load_records, parse_label,
+from icm_jax.tasks.records import (DataError, parse_label, read_record_file,
                                    record_error)
 
 _log = logging.getLogger(__name__)
@@ -86,7 +86,7 @@ class _IcmBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
       path = os.path.join(folder, file_name)
       if not os.path.exists(path):
         raise DataError(f"{file_name}: not found in {folder}")
-      out[split] = (self._validated(load_records(path), file_name), file_name)
+      out[split] = (self._validated(read_record_file(path), file_name), file_name)
     return out
 
   def _validated(self, records: list, source: str) -> list:
@@ -183,7 +183,7 @@ class _SingleFileBuilder(_IcmBuilder, skip_registration=True):
     path = os.path.join(folder, self.SOURCE_FILE)
     if not os.path.exists(path):
       raise DataError(f"{self.SOURCE_FILE}: not found in {folder}")
-    records = self._validated(load_records(path), self.SOURCE_FILE)
+    records = self._validated(read_record_file(path), self.SOURCE_FILE)
     train, test = splits.split_by_group(records, source=self.SOURCE_FILE)
     return {"train": (train, self.SOURCE_FILE + "[train]"),
             "test": (test, self.SOURCE_FILE + "[test]")}

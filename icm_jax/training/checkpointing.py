@@ -16,14 +16,13 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import os
-import tempfile
 from typing import Any, Optional
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from icm_jax import storage
 from icm_jax.model.config import LlamaConfig
 from icm_jax.tokenization import ExampleTokens
 from icm_jax.training.config import RESUMABLE_KEYS, TrainConfig
@@ -74,11 +73,7 @@ def _differences(old: dict, new: dict, prefix: str = "") -> list:
 
 
 def _write_json_atomic(path: str, value: Any) -> None:
-  folder = os.path.dirname(path)
-  fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp_", suffix=".json")
-  with os.fdopen(fd, "w") as f:
-    json.dump(value, f, indent=1, sort_keys=True)
-  os.replace(tmp, path)
+  storage.write_text(path, json.dumps(value, indent=1, sort_keys=True))
 
 
 class TrainCheckpoints:
@@ -87,21 +82,20 @@ class TrainCheckpoints:
   def __init__(self, workdir: str, fingerprint: dict, keep: int):
     self.workdir = workdir
     if jax.process_index() == 0:
-      os.makedirs(workdir, exist_ok=True)
+      storage.makedirs(workdir)
     self.manager = ocp.CheckpointManager(
-        os.path.join(os.path.abspath(workdir), "checkpoints"),
+        storage.as_epath(storage.join(workdir, "checkpoints")),
         options=ocp.CheckpointManagerOptions(max_to_keep=keep))
     self._check_fingerprint(fingerprint)
 
   def _check_fingerprint(self, fingerprint: dict) -> None:
-    path = os.path.join(self.workdir, FINGERPRINT_FILE)
+    path = storage.join(self.workdir, FINGERPRINT_FILE)
     if self.manager.latest_step() is not None:
-      if not os.path.exists(path):
+      if not storage.exists(path):
         raise ValueError(f"{self.workdir} has checkpoints but no "
                          f"{FINGERPRINT_FILE}; refusing to resume a run whose "
                          "config is unknown")
-      with open(path) as f:
-        old = json.load(f)
+      old = json.loads(storage.read_text(path))
       diff = _differences(old, fingerprint)
       if diff:
         raise ValueError(

@@ -18,7 +18,6 @@ LLAMA_RULES, batch rows over ('data', 'fsdp').
 from __future__ import annotations
 
 import dataclasses
-import os
 import time
 from typing import Any, Callable, Optional
 
@@ -37,6 +36,7 @@ from icm_jax.sharding import (BATCH_AXES, LLAMA_RULES, MeshConfig,
                               path_to_str)
 from icm_jax.tokenization import ExampleTokens
 from icm_jax.training import data
+from icm_jax import storage
 from icm_jax.metrics_log import MetricsLog
 from icm_jax.scoring.common import label_log_probs as word_log_probs
 from icm_jax.training.checkpointing import (METRICS_FILE, TrainCheckpoints,
@@ -315,7 +315,7 @@ def train(model_config: LlamaConfig, params, examples: ExampleTokens,
 
       metrics_log = None
       if workdir is not None and jax.process_index() == 0:
-        metrics_log = MetricsLog(os.path.join(workdir, METRICS_FILE),
+        metrics_log = MetricsLog(storage.join(workdir, METRICS_FILE),
                                  resume=start_step, key="step")
       bar = tqdm(total=total_steps, initial=start_step, desc="train",
                  disable=not progress)
