@@ -17,10 +17,18 @@ setup(
     # (namespace) packages, named here so setuptools ships them (MANIFEST.in
     # lists them for sdists).
     packages=(find_packages(include=["icm_jax", "icm_jax.*"]) +
-              ["icm_jax.tasks.data.truthfulqa", "icm_jax.tasks.data.sentiment"]),
+              ["icm_jax.tasks.data.truthfulqa", "icm_jax.tasks.data.sentiment",
+               "icm_jax.configs", "icm_jax.configs.examples"]),
+    # The run configs live at the top level (configs/) and install as
+    # icm_jax.configs, so `icm-jax --config=demo` finds them anywhere.
+    package_dir={"icm_jax.configs": "configs",
+                 "icm_jax.configs.examples": "configs/examples"},
     include_package_data=True,
     package_data={"icm_jax.tasks.data.truthfulqa": ["*.json", "*.md"],
-                  "icm_jax.tasks.data.sentiment": ["*.json", "*.md"]},
+                  "icm_jax.tasks.data.sentiment": ["*.json", "*.md"],
+                  "icm_jax.configs.examples": ["*.jsonl", "*.md"]},
+    entry_points={"console_scripts": ["icm-jax = icm_jax.cli:main"]},
+    license="Apache-2.0",
     install_requires=[
         JAX,
         "flax>=0.12.8,<0.13",
@@ -39,6 +47,10 @@ setup(
         "tqdm>=4.60",
         # report.json's bar chart and the annealing trajectory (Agg, headless).
         "matplotlib>=3.8",
+        # TensorBoard event files without TensorFlow (local and gs://).
+        "tensorboardX>=2.6",
+        # gs:// workdirs and data files (etils.epath's GCS backend).
+        "gcsfs>=2024.2",
     ],
     extras_require={
         # Cloud TPU VMs: jax with its matching libtpu (the same jax range as

@@ -12,7 +12,7 @@ split by whole pair. Search settings: the paper's = SearchConfig's defaults.
 from icm_jax.run_config import paper_config
 
 
-def get_config():
-  config = paper_config("alpaca")
+def get_config(preset=""):
+  config = paper_config("alpaca", preset)
   config.data.split_from_test = True
   return config

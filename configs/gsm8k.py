@@ -23,7 +23,7 @@ fsdp=16) and Llama-3.1-70B on 32 v5p chips with fsdp=4, tensor=8:
 from icm_jax.run_config import paper_config
 
 
-def get_config():
-  config = paper_config("gsm8k")
+def get_config(preset=""):
+  config = paper_config("gsm8k", preset)
   config.data.split_from_test = True
   return config

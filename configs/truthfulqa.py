@@ -12,6 +12,6 @@ the ICM paper's TruthfulQA train/test split, bundled with the package.
 from icm_jax.run_config import paper_config
 
 
-def get_config():
-  config = paper_config("truthfulqa")
+def get_config(preset=""):
+  config = paper_config("truthfulqa", preset)
   return config

@@ -33,6 +33,7 @@ import ml_collections
 from ml_collections import config_dict
 
 from icm_jax.model.config import ATTENTION_IMPLS
+from icm_jax.model.presets import preset_name
 from icm_jax.tasks.config import GENERIC_KEYS
 from icm_jax.scoring.scorer import ScoringConfig
 from icm_jax.search.config import SearchConfig
@@ -103,6 +104,9 @@ def default_config() -> ml_collections.ConfigDict:
       max_context=0,    # 0 = the model's max_position_embeddings
       # auto = Pallas splash kernel on TPU, XLA attention on CPU/GPU.
       attention="auto",
+      # A base model of icm_jax.model.presets ("llama-3.1-8b"): the
+      # checkpoint must have its shapes; set by `--config=FILE:PRESET`.
+      preset="",
   ))
   c.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=-1, tensor=1))
   c.scoring = _dataclass_section(ScoringConfig)
@@ -128,16 +132,44 @@ def default_config() -> ml_collections.ConfigDict:
   return c
 
 
-def paper_config(task_name: str) -> ml_collections.ConfigDict:
+def paper_config(task_name: str,
+                 preset: str = "") -> ml_collections.ConfigDict:
   """default_config() for one of the paper's tasks, with its fine-tuning
   settings (Llama-3.1-8B/70B: batch 32, lr 1e-5, remat). The search settings
-  are already SearchConfig's defaults."""
+  are already SearchConfig's defaults. `preset` (the FILE:PRESET of
+  --config): see `apply_model_preset`."""
   c = default_config()
   c.task.name = task_name
   c.train.batch_size = 32
   c.train.learning_rate = 1e-5
   c.train.remat = True
+  if preset:
+    apply_model_preset(c, preset)
   return c
+
+
+# The mesh each preset's run compiles to within a chip's memory in exact
+# scoring mode (tpu_scripts/aot_check.py; README "Ahead-of-time checks"):
+# the KV cache of the demonstrations is split only by `tensor`, so 8-way
+# tensor parallelism is what makes Llama-3.1-8B fit 16 GiB v5e chips (11.2
+# GiB with fsdp=2) and Llama-3.1-70B fit v5p-32 (27.3 GiB with fsdp=4);
+# fsdp=-1 takes the rest of the slice.
+PRESET_MESHES = {
+    "llama-3.1-8b": dict(data=1, fsdp=-1, tensor=8),
+    "llama-3.1-70b": dict(data=1, fsdp=-1, tensor=8),
+}
+
+
+def apply_model_preset(config: ml_collections.ConfigDict, preset: str) -> None:
+  """Sets model.preset (the checkpoint must have that architecture) and the
+  mesh that fits it; model.path still names the weights."""
+  try:
+    name = preset_name(preset)
+  except KeyError:
+    raise ConfigError(f"config preset {preset!r} unknown; choose from "
+                      f"{sorted(PRESET_MESHES)}") from None
+  config.model.preset = name
+  config.mesh.update(PRESET_MESHES[name])
 
 
 @dataclasses.dataclass(frozen=True)
@@ -273,6 +305,12 @@ def parse_config(config: ml_collections.ConfigDict) -> RunConfig:
     raise ConfigError(f"model.param_dtype={model.param_dtype!r} not in "
                       f"{('auto',) + MODEL_DTYPES}")
   _positive_int(model.max_context, "model.max_context", allow_zero=True)
+  if model.get("preset"):
+    try:
+      preset_name(model.preset)
+    except KeyError:
+      raise ConfigError(f"model.preset={model.preset!r} unknown; choose from "
+                        f"{sorted(PRESET_MESHES)}") from None
   if model.attention not in ATTENTION_IMPLS:
     raise ConfigError(f"model.attention={model.attention!r} not in "
                       f"{ATTENTION_IMPLS}")

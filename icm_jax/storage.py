@@ -12,6 +12,7 @@ both kinds of storage; appending logs (`LineLog`) rewrite their object.
 
 from __future__ import annotations
 
+import glob as pyglob
 import io
 import os
 import posixpath
@@ -24,7 +25,7 @@ from etils import epath
 
 # How long the workdir probe may take before the run is refused: a gs://
 # workdir without credentials or network otherwise retries for minutes.
-PROBE_TIMEOUT_S = 20.0
+PROBE_TIMEOUT_S = 10.0
 _PROBE_FILE = ".icm_jax_write_probe"
 
 
@@ -114,16 +115,22 @@ def remove(path: str) -> None:
     p.unlink()
 
 
-def glob(base: str, pattern: str) -> List[str]:
-  """Files under `base` matching `pattern` ("**" recurses), sorted."""
-  root = as_epath(base)
-  if not root.exists():
-    return []
-  found = [p for p in root.glob(pattern) if p.is_file()]
-  if is_url(base):
-    return sorted(join(base, relpath(str(p), str(root))) for p in found)
-  return sorted(os.path.join(base, os.path.relpath(str(p), str(root)))
-                for p in found)
+def find(base: str, name: str) -> List[str]:
+  """Every file called `name` at any depth under `base`, sorted."""
+  if not is_url(base):
+    return sorted(pyglob.glob(os.path.join(pyglob.escape(base), "**", name),
+                              recursive=True))
+  found, pending = [], [as_epath(base)]
+  while pending:  # object stores: a listing per folder (epath has no "**")
+    folder = pending.pop()
+    if not folder.is_dir():
+      continue
+    for child in folder.iterdir():
+      if child.is_dir():
+        pending.append(child)
+      elif child.name == name:
+        found.append(str(child))
+  return sorted(found)
 
 
 def copy_tree(local_dir: str, destination: str) -> None:

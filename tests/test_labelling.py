@@ -115,4 +115,4 @@ def test_icm_on_smollm2_end_to_end(tmp_path, smollm2, mode, n, iterations):
   by_id = {r["id"]: r for r in read_jsonl(tmp_path / "batch_000" /
                                           "labels.jsonl")}
   for e, s in zip(examples, run.scores):
-    assert by_id[e.id]["score"] == pytest.approx(float(s), abs=1e-6)
+    assert by_id[e.id]["log_odds"] == pytest.approx(float(s), abs=1e-6)

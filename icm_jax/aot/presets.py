@@ -4,26 +4,11 @@ fixing the attention kernel for a TPU target."""
 from __future__ import annotations
 
 import dataclasses
-from typing import Dict, Optional
+from typing import Optional
 
 from icm_jax.aot.errors import AotError
-from icm_jax.model import LlamaConfig, RopeScaling
-
-_LLAMA31 = dict(
-    vocab_size=128256, head_dim=128, num_kv_heads=8, rms_norm_eps=1e-5,
-    rope_theta=500000.0,
-    rope_scaling=RopeScaling(factor=8.0, low_freq_factor=1.0,
-                             high_freq_factor=4.0,
-                             original_max_position_embeddings=8192),
-    max_position_embeddings=131072, tie_word_embeddings=False,
-    bos_token_id=128000, eos_token_id=128001)
-
-PRESETS: Dict[str, dict] = {
-    "llama-3.1-8b": dict(_LLAMA31, hidden_size=4096, intermediate_size=14336,
-                         num_layers=32, num_heads=32),
-    "llama-3.1-70b": dict(_LLAMA31, hidden_size=8192, intermediate_size=28672,
-                          num_layers=80, num_heads=64),
-}
+from icm_jax.model import LlamaConfig
+from icm_jax.model.presets import PRESETS, preset_name
 
 
 def for_tpu(config: LlamaConfig, attention: Optional[str] = "splash"
@@ -44,8 +29,10 @@ def attention_impl(config: LlamaConfig) -> str:
 
 def model_preset(name: str, arg: str = "--model", **overrides) -> LlamaConfig:
   """Llama-3.1-8B / 70B architecture (no weights)."""
-  key = name.strip().lower()
-  if key not in PRESETS:
+  try:
+    key = preset_name(name)
+  except KeyError:
     raise AotError(f"{arg}={name!r}: unknown preset; choose from "
-                   f"{sorted(PRESETS)} or pass an HF checkpoint directory")
+                   f"{sorted(PRESETS)} or pass an HF checkpoint directory"
+                   ) from None
   return LlamaConfig(**dict(PRESETS[key], **overrides))

@@ -9,6 +9,7 @@ from typing import Any, Dict, Optional, Tuple
 from icm_jax import sharding
 from icm_jax.aot.errors import AotError
 from icm_jax.aot.presets import PRESETS, for_tpu, model_preset
+from icm_jax.model.presets import preset_name
 from icm_jax.aot.workload import (GSM8K_LENGTHS, GSM8K_TRAIN_EXAMPLES,
                                   Workload, measured_workload,
                                   synthetic_workload)
@@ -29,8 +30,8 @@ def model_from_config(config, model: Optional[str] = None,
   """
   import json
   if model:
-    if model.strip().lower() in PRESETS:
-      cfg, label = model_preset(model, arg), model.strip().lower()
+    if _is_preset(model):
+      cfg, label = model_preset(model, arg), preset_name(model)
     else:
       path = os.path.join(model, "config.json")
       if not os.path.isfile(path):
@@ -148,3 +149,11 @@ def parse_mesh(value: Optional[str], base: Any = None,
   except ValueError as e:
     raise AotError(f"{arg}={value!r}: {e}") from None
   return sizes
+
+
+def _is_preset(name: str) -> bool:
+  try:
+    preset_name(name)
+  except KeyError:
+    return False
+  return True

@@ -48,7 +48,7 @@ def process_workdir(workdir: str, process_index: int) -> str:
 
 
 def trajectory_files(label_dir: str) -> Dict[str, str]:
-  files = storage.glob(label_dir, "**/metrics.jsonl")
+  files = storage.find(label_dir, "metrics.jsonl")
   return {storage.relpath(storage.dirname(f), label_dir): f for f in files}
 
 

@@ -1,6 +1,7 @@
 """TensorBoard scalars of a run (search U/P/I, fine-tuning loss, accuracy).
 
-tensorboardX writes the event files (no TensorFlow; local paths and gs://).
+tensorboardX writes the event files (no TensorFlow); URLs (gs://) go
+through icm_jax.storage like every other output.
 Multi-host: one writer per run, `enabled` on process 0 only; a disabled
 writer is a no-op that creates nothing.
 """
@@ -9,6 +10,8 @@ from __future__ import annotations
 
 import numbers
 from typing import Any, Mapping
+
+from icm_jax import storage
 
 # Seconds between flushes: a running TensorBoard sees progress without an
 # upload per scalar on object stores.
@@ -26,6 +29,38 @@ def _as_float(tag: str, value: Any) -> float:
                   f"got {type(value).__name__} {value!r}")
 
 
+class _ObjectStoreRecordFile:
+  """tensorboardX's record file on an object store, through icm_jax.storage
+  (one path layer for every output; no append there, so each flush rewrites
+  the object with everything so far)."""
+
+  def __init__(self, path: str):
+    self.path, self._data = path, bytearray()
+
+  def write(self, data: bytes) -> None:
+    self._data += data
+
+  def flush(self) -> None:
+    storage.write_bytes(self.path, bytes(self._data))
+
+  def close(self) -> None:
+    self.flush()
+
+
+class _ObjectStoreFactory:
+  def open(self, path: str) -> _ObjectStoreRecordFile:
+    return _ObjectStoreRecordFile(path)
+
+  def directory_check(self, path: str) -> None:
+    storage.makedirs(path)
+
+
+def _route_urls_through_storage() -> None:
+  from tensorboardX import record_writer
+  for scheme in ("gs", "s3"):
+    record_writer.register_writer_factory(scheme, _ObjectStoreFactory())
+
+
 class EventWriter:
   """`scalar(tag, value, step)` / `scalars({tag: value}, step)` to `logdir`."""
 
@@ -34,6 +69,7 @@ class EventWriter:
     self._writer = None
     if self.enabled:
       from tensorboardX import SummaryWriter
+      _route_urls_through_storage()
       self._writer = SummaryWriter(logdir, flush_secs=_FLUSH_SECS)
 
   def scalar(self, tag: str, value: float, step: int) -> None:

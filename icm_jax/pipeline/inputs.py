@@ -18,6 +18,7 @@ import numpy as np
 from icm_jax import storage
 from icm_jax.checkpoints import load_model, load_model_config, load_tokenizer
 from icm_jax.model import LlamaConfig, param_shapes
+from icm_jax.model.presets import PRESETS, SHAPE_KEYS, preset_name
 from icm_jax.run_config import ConfigError, RunConfig
 from icm_jax.sharding import init_sharded_params, param_shardings
 from icm_jax.tasks import (DataError, Example, Task, bundled_path,
@@ -168,6 +169,11 @@ def check_prompts_fit(cfg: RunConfig, inputs: Inputs, tokenizer,
   for seed in cfg.seeds:
     for b, members in enumerate(split_into_batches(
         groups, cfg.label_batch_size, seed)):
+      if len(members) < cfg.search.initial_size:
+        raise ConfigError(
+            f"search.initial_size={cfg.search.initial_size} > {len(members)} "
+            f"train examples in search batch {b}: lower it (or give more "
+            "examples)")
       try:
         check_fits_context(tokens.subset(members), context, b)
       except ValueError as e:
@@ -204,6 +210,8 @@ def load_model_for_run(cfg: RunConfig, mesh, inputs: Inputs) -> Model:
       raise ConfigError(f"model.path={path!r}: no such file or directory")
     config = load_model_config(path, overrides)
     description = os.path.basename(os.path.normpath(path))
+  if cfg.model.get("preset"):
+    _check_preset(config, cfg.model.preset, path)
   tokenizer = load_tokenizer(cfg.model.tokenizer or path)
   if len(tokenizer) > config.vocab_size:
     raise ConfigError(f"model.tokenizer has {len(tokenizer)} tokens but the "
@@ -217,6 +225,17 @@ def load_model_for_run(cfg: RunConfig, mesh, inputs: Inputs) -> Model:
         param_shardings=lambda c: param_shardings(param_shapes(c), mesh),
         with_tokenizer=False)
   return Model(config, params, tokenizer, description)
+
+
+def _check_preset(config: LlamaConfig, preset: str, path) -> None:
+  """The checkpoint has the architecture the config was chosen for."""
+  expected = PRESETS[preset_name(preset)]
+  for key in SHAPE_KEYS:
+    if getattr(config, key) != expected[key]:
+      raise ConfigError(
+          f"model.path={path!r} is not a {preset} ({key} "
+          f"{getattr(config, key)}, the preset has {expected[key]}); pass "
+          "its checkpoint or drop the :PRESET of --config")
 
 
 def gold_of(examples: Sequence[Example]) -> Optional[List[int]]:
