@@ -30,7 +30,7 @@ from icm_jax.pipeline.label_stage import (LABEL_DIR, labels_path, read_labels,
                                           run_label_stage)
 from icm_jax.pipeline.train_stage import (export_icm_model, finetune,
                                           training_labels)
-from icm_jax.run_config import parse_config
+from icm_jax.run_config import ConfigError, parse_config
 from icm_jax.sharding import create_mesh, initialize_distributed
 from icm_jax.pipeline.events import EventWriter
 
@@ -84,7 +84,10 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
                        config.to_json_best_effort(indent=1, sort_keys=True))
   log.info("process %d of %d; %d devices (%s); workdir %s", process_index,
            process_count, jax.device_count(), jax.default_backend(), workdir)
-  mesh = create_mesh(cfg.mesh)
+  try:
+    mesh = create_mesh(cfg.mesh)
+  except ValueError as e:
+    raise ConfigError(f"mesh: {e}") from None
   model = load_model_for_run(cfg, mesh, inputs)
   events = EventWriter(storage.join(workdir, "tensorboard"),
                        enabled=writer and cfg.tensorboard)

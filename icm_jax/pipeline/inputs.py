@@ -217,6 +217,7 @@ def load_model_for_run(cfg: RunConfig, mesh, inputs: Inputs) -> Model:
     raise ConfigError(f"model.tokenizer has {len(tokenizer)} tokens but the "
                       f"model's vocab_size is {config.vocab_size}")
   check_prompts_fit(cfg, inputs, tokenizer, config.max_position_embeddings)
+  log.info("loading model weights: %s", description)
   if cfg.model.random_init is not None:
     params = init_sharded_params(config, mesh, jax.random.key(cfg.seed))
   else:
