@@ -70,6 +70,9 @@ _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Config file (a get_config() returning an "
     "ml_collections.ConfigDict) or a shipped config's name, e.g. demo or "
     "gsm8k:llama3.1-8b.", lock_config=True)
+_CHECK_ONLY = flags.DEFINE_bool(
+    "check_only", False, "Run every check that needs no weights (config, "
+    "data, workdir, tokenizer, prompt lengths, mesh), then exit.")
 _WORKDIR = flags.DEFINE_string(
     "workdir", None, "Run directory, local or gs:// (labels, checkpoints, "
     "report, plots); default runs/<config name>.")
@@ -109,7 +112,7 @@ def _main(argv):
       "runs", os.path.splitext(os.path.basename(
           config_flags.get_config_filename(flags.FLAGS["config"])))[0])
   try:
-    outputs = run(_CONFIG.value, workdir)
+    outputs = run(_CONFIG.value, workdir, check_only=_CHECK_ONLY.value)
   except (ConfigError, DataError, CheckpointError, StorageError,
           FileNotFoundError) as e:
     sys.exit(f"error: {e}")

@@ -445,6 +445,13 @@ def test_fetch_results(fakes, tmp_path):
   assert (tmp_path / "out dir").is_dir()
 
 
+def test_fetch_results_from_a_bucket_needs_no_tpu(fakes, tmp_path):
+  result = fakes.run("fetch_results.sh", "gs://b/run", "out", TPU_NAME=None)
+  assert result.returncode == 0, result.stderr
+  assert fakes.calls() == [["storage", "cp", "--recursive", "gs://b/run",
+                            "out"]]
+
+
 def test_delete_asks_unless_yes(fakes):
   result = fakes.run("delete_tpu.sh", stdin="n\n")
   assert result.returncode != 0 and "not deleting" in result.stderr

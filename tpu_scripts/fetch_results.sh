@@ -6,7 +6,8 @@
 #          WORKDIR [LOCAL_DIR]
 #
 # WORKDIR is the --workdir given to launch.sh: absolute, or relative to
-# REPO_DIR (where main.py ran). LOCAL_DIR defaults to the current directory.
+# REPO_DIR (where main.py ran), or a gs:// URL (copied from the bucket with
+# gcloud storage, no TPU needed). LOCAL_DIR defaults to the current directory.
 # For a workdir on a mounted bucket, copying from the bucket directly
 # (gcloud storage cp --recursive) works as well.
 
@@ -16,9 +17,14 @@ source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 if (($# < 1 || $# > 2)); then
   die "usage: $0 WORKDIR [LOCAL_DIR]"
 fi
-require_var TPU_NAME ZONE
 workdir="$1"
 local_dir="${2:-.}"
+if [[ "$workdir" == gs://* ]]; then
+  mkdir -p "$local_dir"
+  echo "Fetching $workdir into $local_dir"
+  exec gcloud storage cp --recursive "$workdir" "$local_dir"
+fi
+require_var TPU_NAME ZONE
 case "$workdir" in
   /* | "~"*) ;;
   *) workdir="$REPO_DIR/$workdir" ;;

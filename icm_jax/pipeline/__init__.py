@@ -52,8 +52,13 @@ def trajectory_files(label_dir: str) -> Dict[str, str]:
   return {storage.relpath(storage.dirname(f), label_dir): f for f in files}
 
 
-def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
-  """Runs the configured stages; returns {name: path} of what was written."""
+def run(config: ml_collections.ConfigDict, workdir: str,
+        check_only: bool = False) -> dict:
+  """Runs the configured stages; returns {name: path} of what was written.
+
+  check_only: run every check that needs no weights (config, data files and
+  records, workdir, earlier stages' labels, the model's config and
+  tokenizer, every prompt within the context, the mesh), then stop."""
   cfg = parse_config(config)
   process_index, process_count = initialize_distributed()
   writer = process_index == 0
@@ -79,7 +84,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
         except FileNotFoundError:
           if "train" in cfg.stages or variant in needed:
             raise
-  if writer:
+  if writer and not check_only:
     storage.write_text(storage.join(workdir, CONFIG_FILE),
                        config.to_json_best_effort(indent=1, sort_keys=True))
   log.info("process %d of %d; %d devices (%s); workdir %s", process_index,
@@ -88,7 +93,12 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     mesh = create_mesh(cfg.mesh)
   except ValueError as e:
     raise ConfigError(f"mesh: {e}") from None
-  model = load_model_for_run(cfg, mesh, inputs)
+  model = load_model_for_run(cfg, mesh, inputs, load_weights=not check_only)
+  if check_only:
+    log.info("checks passed: %d train and %d test examples, model %s; "
+             "weights not loaded", len(inputs.train), len(inputs.test),
+             model.description)
+    return {"checked": workdir}
   events = EventWriter(storage.join(workdir, "tensorboard"),
                        enabled=writer and cfg.tensorboard)
   outputs = {}

@@ -188,9 +188,11 @@ def compute_dtype(name: str) -> str:
   return "float32" if jax.default_backend() == "cpu" else "bfloat16"
 
 
-def load_model_for_run(cfg: RunConfig, mesh, inputs: Inputs) -> Model:
+def load_model_for_run(cfg: RunConfig, mesh, inputs: Inputs,
+                       load_weights: bool = True) -> Model:
   """The model, after the checks that need only its config and tokenizer
-  (vocabulary, label words, every prompt within the context) have passed."""
+  (vocabulary, label words, every prompt within the context) have passed;
+  `load_weights=False` stops there (params None)."""
   overrides = {"dtype": compute_dtype(cfg.model.dtype),
                "param_dtype": compute_dtype(cfg.model.param_dtype),
                "attention": cfg.model.attention}
@@ -217,6 +219,8 @@ def load_model_for_run(cfg: RunConfig, mesh, inputs: Inputs) -> Model:
     raise ConfigError(f"model.tokenizer has {len(tokenizer)} tokens but the "
                       f"model's vocab_size is {config.vocab_size}")
   check_prompts_fit(cfg, inputs, tokenizer, config.max_position_embeddings)
+  if not load_weights:
+    return Model(config, None, tokenizer, description)
   log.info("loading model weights: %s", description)
   if cfg.model.random_init is not None:
     params = init_sharded_params(config, mesh, jax.random.key(cfg.seed))

@@ -1,7 +1,8 @@
 """Stage 1: ICM labels for the train split (optionally iterating with fine-tuning).
 
 Writes `<workdir>/label/labels.jsonl` (one line per train example, in input
-order: id, label 0/1 or null, final LOO scores, search batch), the per-batch
+order: id, label 0/1 or null, final LOO scores, search batch, the rendered
+claim, gold and the source record), the per-batch
 search directories (checkpoints, metrics.jsonl) and `summary.json`.
 
 One labelling per (variant, seed): variant "icm" is the search as
