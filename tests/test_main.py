@@ -213,7 +213,7 @@ def test_iterative_labelling_fine_tunes_between_batches(tmp_path):
   cfg = parse_config(config)
   inputs = load_inputs(cfg)
   mesh = create_mesh(cfg.mesh)
-  model = load_model_for_run(cfg, mesh)
+  model = load_model_for_run(cfg, mesh, inputs)
   by_id = {r["id"]: r for r in rows}
   first = [e for e in inputs.train if by_id[e.id]["batch"] == 0]
   labels_1 = {e.id: by_id[e.id]["label"] for e in first}

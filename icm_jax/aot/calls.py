@@ -191,6 +191,8 @@ def train_call(model: LlamaConfig, mesh, workload: Workload,
   dtype = (compute_dtype if train.compute_dtype == "auto"
            else resolve_compute_dtype(train.compute_dtype))
   try:
+    # Fine-tuning trains float32 master weights (pipeline/train_stage.py).
+    model = model.replace(param_dtype="float32")
     step = sharded_train_step(model, param_shapes(model), train, total_steps,
                               mesh, workload.token_sets, dtype)
   except ValueError as e:

@@ -55,8 +55,11 @@ def model_from_config(config, model: Optional[str] = None,
                    "checkpoint directory (the config has no model.random_init"
                    " and no model.path with a config.json)")
   dtype = config.model.dtype
+  param_dtype = config.model.param_dtype
   overrides = {"dtype": "bfloat16" if dtype == "auto" else dtype,
-               "param_dtype": config.model.param_dtype}
+               # auto: what a run on the accelerator stores (bfloat16).
+               "param_dtype": "bfloat16" if param_dtype == "auto"
+                              else param_dtype}
   if config.model.max_context:
     overrides["max_position_embeddings"] = int(config.model.max_context)
   if attention is None:
