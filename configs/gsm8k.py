@@ -1,6 +1,6 @@
 """GSM8K-verification with the paper's settings, for Llama-3.1-8B / 70B.
 
-  python main.py --config=configs/gsm8k.py --workdir=DIR \
+  icm-jax --config=gsm8k:llama3.1-8b --workdir=gs://BUCKET/gsm8k \
       --config.model.path=/models/Meta-Llama-3.1-8B \
       --config.data.test=/data/icm/test_gsm8k.json
 
@@ -11,12 +11,19 @@ question (data.split_from_test). Search settings: the paper's, which are
 SearchConfig's defaults (alpha=50, K=8, T0=10, T_min=0.01, beta=0.99, log
 schedule, 3000 iterations), ICM batches of 256 claims.
 
-Scoring stays exact (the paper's prompts): no faster mode gives the same
-scores (README, "Leave-one-out scoring"). With its passes in query chunks
-(scoring.query_chunk) it fits Llama-3.1-8B on a v5e-16 with
---config.mesh.fsdp=2 --config.mesh.tensor=8 (11.2 GiB per chip; not with
-fsdp=16) and Llama-3.1-70B on 32 v5p chips with fsdp=4, tensor=8:
-`python tpu_scripts/aot_check.py` checks a slice before you rent it, and
+`:PRESET` (llama3.1-8b, llama3.1-70b) checks the checkpoint's shapes and
+sets the mesh that fits (tensor=8, fsdp = the rest). Which scoring mode fits
+which slice, per chip (tpu_scripts/aot_check.py --modes=exact,shared;
+README "Planning a paper-scale run"; float32 params, so a bf16 run needs
+less):
+  Llama-3.1-8B on v5e-16 (v5e:4x4), fsdp=2, tensor=8: exact 11.2 GiB,
+    shared 6.1 GiB: both fit 16 GiB. With fsdp=16, tensor=1 exact needs
+    32.0 GiB (the demonstrations' KV cache splits only by tensor) and
+    shared 13.2 GiB.
+  Llama-3.1-70B on v5p-64 (v5p:2x4x4, 32 chips), fsdp=4, tensor=8: exact
+    27.3 GiB, shared 17.4 GiB: both fit 95 GiB.
+Exact (the default) gives the paper's scores; shared is faster and agrees
+with it only at larger N (README "Leave-one-out scoring").
 `python tpu_scripts/plan.py` gives the search's roofline time.
 """
 

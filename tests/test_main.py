@@ -52,6 +52,13 @@ def test_tiny_run_writes_labels_report_and_plots(tiny_run):
     lines = [json.loads(line) for line in f]
   assert len(lines) == 16 and len({r["id"] for r in lines}) == 16
   assert all(r["label"] in (0, 1, None) for r in lines)
+  assert all(r["claim"].startswith("Question: ") and r["record"]["question"]
+             for r in lines)
+  # Quiet by default: the stage lines and the table, no orbax/optax INFO.
+  for noise in ("orbax", "CheckpointManager", "checkpoint_manager.py",
+                "_schedule.py"):
+    assert noise not in proc.stderr, noise
+  assert "test metrics:" in proc.stderr and "label stage: " in proc.stderr
   report = json.load(open(os.path.join(workdir, "report.json")))
   results = {r["method"]: r for r in report["results"]}
   assert tuple(results) == METHODS

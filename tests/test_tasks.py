@@ -468,3 +468,26 @@ def test_task_stage_imports_no_later_stage():
                else [f"{node.module}.{a.name}" for a in node.names]
                if isinstance(node, ast.ImportFrom) else [])
       assert not [n for n in names if n.startswith(later)], path.name
+
+
+def test_task_modules_import_only_layers_below_them():
+  """records -> task -> builtin -> tfds_builders -> sources: no module of
+  the task layer imports one above it (even inside a function)."""
+  import ast
+  import icm_jax.tasks as package
+  import os
+  order = ["records", "splits", "templates", "task", "builtin", "config",
+           "bundled", "tfds_builders", "sources"]
+  layer = {name: i for i, name in enumerate(order)}
+  folder = os.path.dirname(package.__file__)
+  for name in order:
+    tree = ast.parse(open(os.path.join(folder, name + ".py")).read())
+    imported = set()
+    for node in ast.walk(tree):
+      if isinstance(node, ast.ImportFrom) and node.module:
+        parts = node.module.split(".")
+        if parts[:2] == ["icm_jax", "tasks"]:
+          imported |= ({parts[2]} if len(parts) > 2 else
+                       {a.name for a in node.names})
+    above = sorted(m for m in imported if layer.get(m, -1) > layer[name])
+    assert not above, f"tasks/{name}.py imports {above} from above it"
