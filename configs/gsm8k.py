@@ -14,14 +14,14 @@ schedule, 3000 iterations), ICM batches of 256 claims.
 `:PRESET` (llama3.1-8b, llama3.1-70b) checks the checkpoint's shapes and
 sets the mesh that fits (tensor=8, fsdp = the rest). Which scoring mode fits
 which slice, per chip (tpu_scripts/aot_check.py --modes=exact,shared;
-README "Planning a paper-scale run"; float32 params, so a bf16 run needs
-less):
-  Llama-3.1-8B on v5e-16 (v5e:4x4), fsdp=2, tensor=8: exact 11.2 GiB,
-    shared 6.1 GiB: both fit 16 GiB. With fsdp=16, tensor=1 exact needs
-    32.0 GiB (the demonstrations' KV cache splits only by tensor) and
-    shared 13.2 GiB.
+README "Planning a paper-scale run"):
+  Llama-3.1-8B on v5e-16 (v5e:4x4), fsdp=2, tensor=8: exact 8.9 GiB,
+    shared 4.3 GiB with the default bf16 params (11.2 / 6.1 GiB with
+    float32 params): both fit 16 GiB. With fsdp=16, tensor=1 exact needs
+    32.0 GiB with float32 params (the demonstrations' KV cache splits only
+    by tensor) and does not fit; shared 13.2 GiB.
   Llama-3.1-70B on v5p-64 (v5p:2x4x4, 32 chips), fsdp=4, tensor=8: exact
-    27.3 GiB, shared 17.4 GiB: both fit 95 GiB.
+    27.3 GiB, shared 17.4 GiB with float32 params: both fit 95 GiB.
 Exact (the default) gives the paper's scores; shared is faster and agrees
 with it only at larger N (README "Leave-one-out scoring").
 `python tpu_scripts/plan.py` gives the search's roofline time.

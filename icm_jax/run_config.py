@@ -151,8 +151,9 @@ def paper_config(task_name: str,
 # The mesh each preset's run compiles to within a chip's memory in exact
 # scoring mode (tpu_scripts/aot_check.py; README "Ahead-of-time checks"):
 # the KV cache of the demonstrations is split only by `tensor`, so 8-way
-# tensor parallelism is what makes Llama-3.1-8B fit 16 GiB v5e chips (11.2
-# GiB with fsdp=2) and Llama-3.1-70B fit v5p-32 (27.3 GiB with fsdp=4);
+# tensor parallelism is what makes Llama-3.1-8B fit 16 GiB v5e chips (8.9
+# GiB with fsdp=2, bf16 params) and Llama-3.1-70B fit v5p-32 (27.3 GiB with
+# fsdp=4, float32 params);
 # fsdp=-1 takes the rest of the slice.
 PRESET_MESHES = {
     "llama-3.1-8b": dict(data=1, fsdp=-1, tensor=8),
