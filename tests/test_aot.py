@@ -14,6 +14,7 @@ waived by icm_jax.aot because nothing here touches a chip.
 """
 
 import dataclasses
+import importlib.util
 import os
 import subprocess
 import sys
@@ -404,6 +405,24 @@ def test_measured_workload_is_the_pipelines_first_batch(smollm2_tokenizer):
   assert wl.consistency_kind == "none"
   with pytest.raises(aot.AotError, match=r"--data='/nonexistent'"):
     aot.measured_workload("truthfulqa", "/nonexistent", smollm2_tokenizer, 8)
+
+
+def test_measured_workload_of_a_task_given_by_flags(smollm2_tokenizer):
+  """configs/custom.py's task section (no built-in name) plans as it runs."""
+  from icm_jax.tasks import load_examples, task_from_config
+  from icm_jax.tokenization import tokenize_examples
+  spec = importlib.util.spec_from_file_location(
+      "custom", os.path.join(ROOT, "configs", "custom.py"))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  config = module.get_config()
+  task = config.task.to_dict()
+  wl = aot.measured_workload(task, config.data.train, smollm2_tokenizer, 8,
+                             split_from_test=False)
+  examples = load_examples(task_from_config(task), config.data.train)[:8]
+  tokens = tokenize_examples(smollm2_tokenizer, [e.prompt for e in examples])
+  assert wl.prompt_lengths == tuple(tokens.prompt_lengths)
+  assert wl.groups == tuple(e.id for e in examples)  # a group each
 
 
 def run_plan(*args):

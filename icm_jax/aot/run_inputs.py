@@ -99,7 +99,7 @@ def workload_from_config(config, num_examples: int,
         except CheckpointError as e:
           raise AotError(f"--tokenizer: {e}") from None
       return measured_workload(
-          task, data, tokenizer, num_examples,
+          config.task.to_dict(), data, tokenizer, num_examples,
           test_fraction=float(config.data.test_fraction),
           seed=int(config.seed),
           split_from_test=bool(config.data.split_from_test),

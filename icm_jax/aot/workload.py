@@ -104,7 +104,7 @@ def synthetic_workload(num_examples: int, mean_len: int, max_len: int, *,
                   f"{mean_len} tokens + 1 of {max_len}")
 
 
-def measured_workload(task_name: str, data_path: str, tokenizer,
+def measured_workload(task_name, data_path: str, tokenizer,
                       num_examples: int, *, test_fraction: float = 0.5,
                       seed: int = 0, split_from_test: bool = True,
                       data_arg: str = "--data") -> Workload:
@@ -112,17 +112,19 @@ def measured_workload(task_name: str, data_path: str, tokenizer,
 
   The search batch is the first whole consistency groups of the train split
   with at most `num_examples` examples; train_lengths is the whole split.
-  tokenizer: a tokenizer or its path (HF directory or .gguf).
+  tokenizer: a tokenizer or its path (HF directory or .gguf). task_name: a
+  built-in task's name or a run config's task section (any generic task).
   """
   from icm_jax.checkpoints import load_tokenizer
   from icm_jax.pipeline.inputs import first_whole_groups
-  from icm_jax.tasks import get_task, load_examples, split_by_group
+  from icm_jax.tasks import load_examples, split_by_group, task_from_config
   from icm_jax.tokenization import LabelWords, tokenize_examples
 
   try:
-    task = get_task(task_name)
+    task = task_from_config({"name": task_name} if isinstance(task_name, str)
+                            else task_name)
   except ValueError as e:
-    raise AotError(f"--config.task.name: {e}") from None
+    raise AotError(f"--config.{e}") from None
   try:
     records = load_examples(task, data_path)
   except (OSError, ValueError) as e:
@@ -145,7 +147,7 @@ def measured_workload(task_name: str, data_path: str, tokenizer,
       train_lengths=tuple(int(x) for x in lengths),
       groups=tuple(e.group for e in batch),
       keys=tuple(e.key for e in batch), consistency_kind=task.consistency,
-      description=(f"{task_name} ({data_path}), tokenizer {name}: "
+      description=(f"{task.name} ({data_path}), tokenizer {name}: "
                    f"{len(batch)}-example batch mean "
                    f"{np.mean(batch_lengths):.0f} / max {max(batch_lengths)} "
                    f"tokens; {len(train)} train examples mean "
