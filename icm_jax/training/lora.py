@@ -75,9 +75,11 @@ def init_adapters(params, rank: int, rng: jax.Array):
   return adapters
 
 
-def merge(params, adapters, scale: float):
+def merge(params, adapters, scale: float, dtype=None):
   """params with every adapted kernel replaced by W + scale * a @ b
-  (accumulated in float32, stored in W's dtype)."""
+  (accumulated in float32, stored in `dtype`, default W's). The train step
+  asks for the compute dtype: the Dense layers cast their kernels to it
+  anyway, and a bf16 merged copy (and its gradient) is half an f32 one."""
 
   def one(path, w):
     names = key_path_names(path)
@@ -86,7 +88,7 @@ def merge(params, adapters, scale: float):
     ab = adapters["layers"][names[1]][names[2]]
     delta = jnp.einsum("lir,lro->lio", ab["lora_a"].astype(jnp.float32),
                        ab["lora_b"].astype(jnp.float32))
-    return (w.astype(jnp.float32) + scale * delta).astype(w.dtype)
+    return (w.astype(jnp.float32) + scale * delta).astype(dtype or w.dtype)
 
   return jax.tree_util.tree_map_with_path(one, params)
 

@@ -152,7 +152,9 @@ def make_train_step(model_config: LlamaConfig, optimizer, token_sets,
     join = lambda grads, _: grads
   else:
     def trainable_loss(adapters, base, micro):
-      return micro_batch_loss(lora.merge(base, adapters, lora_scale), micro)
+      merged = lora.merge(base, adapters, lora_scale,
+                          model_config.compute_dtype)
+      return micro_batch_loss(merged, micro)
     split = lambda state: (state[lora.ADAPTERS], state[lora.BASE])
     # Zeros for the frozen base: set_to_zero ignores them, so they cost
     # nothing, and no base-sized gradient is ever accumulated.
