@@ -10,6 +10,7 @@ import pytest
 import torch
 import transformers
 
+from icm_jax.aot.costs import lora_params
 from icm_jax.checkpoints import save_hf_checkpoint
 from icm_jax.model import forward, masks
 from icm_jax.sharding import MeshConfig, create_mesh
@@ -64,6 +65,7 @@ def test_step_changes_only_adapters_sharded_by_kernel_rules():
   # adapters only (plus scalar step counters).
   adapters = lora.init_adapters(base, RANK, jax.random.key(0))
   adapter_size = sum(x.size for x in jax.tree.leaves(adapters))
+  assert adapter_size == lora_params(TINY, RANK)  # the plan's count
   assert sum(x.size for x in jax.tree.leaves(sharded.abstract_opt_state)
              if x.shape) == 2 * adapter_size
 
@@ -71,7 +73,7 @@ def test_step_changes_only_adapters_sharded_by_kernel_rules():
   step = build(mesh)
   state_shardings = jax.tree.map(lambda x: x.sharding, step.abstract_params)
   state = jax.device_put(lora.train_state(base, adapters), state_shardings)
-  opt_state = step.optimizer.init(state)
+  opt_state = jax.jit(step.optimizer.init)(state)
   host = data.build_batch(examples, labels, np.arange(8), 1, 16, 32)
   batch = jax.device_put(host.arrays(), step.batch_shardings)
   before = _leaves(state)

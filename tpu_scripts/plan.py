@@ -137,10 +137,13 @@ def _train_memory_line(target, topology, mesh, model, workload, train):
   devices = aot.topology_mesh(topology, mesh)
   parts = []
   for rank in (0, _LORA_RANK.value):
-    call = aot.train_call(model, devices,
-                          workload, dataclasses.replace(train, lora_rank=rank),
-                          seq_len, len(workload.train_lengths) or
-                          workload.num_examples)
+    # The state does not depend on the batch: one row per data-parallel
+    # chip keeps any config's batch valid on this mesh.
+    state_train = dataclasses.replace(train, lora_rank=rank,
+                                      batch_size=target.divisor,
+                                      grad_accum_steps=1)
+    call = aot.train_call(model, devices, workload, state_train, seq_len,
+                          len(workload.train_lengths) or workload.num_examples)
     state = aot.train_state_bytes(call, rank)
     detail = ", ".join(f"{k} {v / aot.GiB:.2f}" for k, v in state.items())
     what = f"LoRA r={rank}" if rank else "full fine-tune"
