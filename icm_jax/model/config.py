@@ -151,7 +151,8 @@ class LlamaConfig:
           f"config.json) is shorter than this call's rows of {num_keys} "
           "positions; icm-jax does not implement sliding-window attention, "
           "so it refuses rather than attend past the window (shorten the "
-          "prompts or the scorer's rows)")
+          "prompts, or set model.max_context <= the window so the scorer "
+          "and many-shot prompts stay inside it)")
 
   @property
   def compute_dtype(self) -> jnp.dtype:
