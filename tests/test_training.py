@@ -389,7 +389,8 @@ def test_bad_labels_and_prompts_name_the_example(tiny_params):
     ("adam_b2", -0.5), ("max_grad_norm", -1.0), ("compute_dtype", "fp8"),
     ("end_learning_rate_fraction", 1.5), ("min_seq_len", 0),
     ("checkpoint_every", -1), ("keep_checkpoints", 0), ("log_every", 0),
-    ("seed", 1.5), ("remat", "yes"), ("num_epochs", True)])
+    ("seed", 1.5), ("remat", "yes"), ("num_epochs", True), ("lora_rank", -1),
+    ("lora_rank", 2.0), ("lora_alpha", 0.0)])
 def test_bad_config_values_name_the_key(key, value):
   with pytest.raises(ValueError, match=rf"train\.{key}\b"):
     TrainConfig(**{key: value})
