@@ -63,7 +63,8 @@ def test_step_changes_only_adapters_sharded_by_kernel_rules():
       None, None, "fsdp")
   # Frozen params get no optimizer state: AdamW's mu and nu cover the
   # adapters only (plus scalar step counters).
-  adapters = lora.init_adapters(base, RANK, jax.random.key(0))
+  adapters = jax.jit(lora.init_adapters, static_argnums=1)(
+      base, RANK, jax.random.key(0))
   adapter_size = sum(x.size for x in jax.tree.leaves(adapters))
   assert adapter_size == lora_params(TINY, RANK)  # the plan's count
   assert sum(x.size for x in jax.tree.leaves(sharded.abstract_opt_state)
@@ -73,7 +74,8 @@ def test_step_changes_only_adapters_sharded_by_kernel_rules():
   step = build(mesh)
   state_shardings = jax.tree.map(lambda x: x.sharding, step.abstract_params)
   state = jax.device_put(lora.train_state(base, adapters), state_shardings)
-  opt_state = jax.jit(step.optimizer.init)(state)
+  opt_state = jax.jit(step.optimizer.init, out_shardings=jax.tree.map(
+      lambda x: x.sharding, step.abstract_opt_state))(state)
   host = data.build_batch(examples, labels, np.arange(8), 1, 16, 32)
   batch = jax.device_put(host.arrays(), step.batch_shardings)
   before = _leaves(state)
