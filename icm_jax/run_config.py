@@ -156,6 +156,7 @@ def paper_config(task_name: str,
 # fsdp=4, float32 params);
 # fsdp=-1 takes the rest of the slice.
 PRESET_MESHES = {
+    "llama-3.2-1b": dict(data=1, fsdp=-1, tensor=1),
     "llama-3.1-8b": dict(data=1, fsdp=-1, tensor=8),
     "llama-3.1-70b": dict(data=1, fsdp=-1, tensor=8),
 }
@@ -166,11 +167,12 @@ def apply_model_preset(config: ml_collections.ConfigDict, preset: str) -> None:
   mesh that fits it; model.path still names the weights."""
   try:
     name = preset_name(preset)
+    mesh = PRESET_MESHES[name]
   except KeyError:
     raise ConfigError(f"config preset {preset!r} unknown; choose from "
                       f"{sorted(PRESET_MESHES)}") from None
   config.model.preset = name
-  config.mesh.update(PRESET_MESHES[name])
+  config.mesh.update(mesh)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -172,6 +172,10 @@ LLAMA_RULES: Tuple[Rule, ...] = (
     (r"(^|/)layers/mlp/down_proj/kernel$", P(None, "tensor", "fsdp")),
     (r"(^|/)layers/(input|post_attention)_layernorm/scale$", P(None, None)),
     (r"(^|/)norm/scale$", P(None)),
+    # Qwen2's q/k/v biases follow their kernels' output dim; Qwen3's per-head
+    # q/k norms span head_dim only, which 'tensor' splits heads around.
+    (r"(^|/)layers/self_attn/(q|k|v)_proj/bias$", P(None, "tensor")),
+    (r"(^|/)layers/self_attn/(q|k)_norm/scale$", P(None, None)),
 )
 
 

@@ -16,6 +16,7 @@ waived by icm_jax.aot because nothing here touches a chip.
 import dataclasses
 import importlib.util
 import os
+import re
 import subprocess
 import sys
 
@@ -120,6 +121,8 @@ def test_presets():
   assert not eight.tie_word_embeddings and eight.vocab_size == 128256
   assert (seventy.num_layers, seventy.num_heads, seventy.num_kv_heads) == (
       80, 64, 8)
+  one = aot.model_preset("llama-3.2-1b")
+  assert round(one.num_params() / 1e9, 2) == 1.24 and one.tie_word_embeddings
   assert aot.for_tpu(eight).attention == "splash"
   assert aot.for_tpu(eight, "xla").attention == "xla"
 
@@ -440,5 +443,15 @@ def test_plan_script():
   assert sum("v5p:2x2x2 (data=1,fsdp=8,tensor=1)" in l for l in table) == 6
   assert "12 iterations" in result.stdout   # configs/tiny.py's search
   assert "LOWER BOUND" in result.stdout
+  # Train state per chip, full vs LoRA r=16: LoRA drops the base's AdamW
+  # state and gradients, so it holds a bit more than the params alone.
+  memory = [l for l in result.stdout.splitlines() if "train state" in l]
+  assert len(memory) == 2
+  for line in memory:
+    full, lora = (float(x) for x in re.findall(
+        r"(?:full fine-tune|LoRA r=16) ([0-9.]+) GiB", line))
+    params = float(re.search(r"full fine-tune .*?params ([0-9.]+)",
+                             line).group(1))
+    assert 3.9 * params < full and params < lora < 1.1 * params, line
   bad = run_plan("--target=llama-3.1-8b@v5e:2x2")
   assert bad.returncode == 2 and "--target='llama-3.1-8b@v5e:2x2'" in bad.stderr

@@ -352,13 +352,16 @@ _GGUF_NAMES = {
     "input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm",
     "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k",
     "self_attn.v_proj": "attn_v", "self_attn.o_proj": "attn_output",
+    "self_attn.q_norm": "attn_q_norm", "self_attn.k_norm": "attn_k_norm",
     "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
     "mlp.down_proj": "ffn_down"}
 
 
 def write_tiny_gguf(path, model, arch="llama", extra=None, replace=None):
   """GGUF of `model` as llama.cpp writes it (F32); `replace` maps GGUF tensor
-  names to a substitute array, or None to leave the tensor out."""
+  names to a substitute array, or None to leave the tensor out. llama.cpp
+  interleaves the q/k rotary rows of "llama" files only (Qwen's "neox" rope
+  keeps HF's layout); q/k/v biases and q/k norms are written when present."""
   import gguf
   cfg = model.config
   replace = replace or {}
@@ -371,7 +374,8 @@ def write_tiny_gguf(path, model, arch="llama", extra=None, replace=None):
   w.add_head_count_kv(cfg.num_key_value_heads)
   w.add_rope_freq_base(cfg.rope_parameters["rope_theta"])
   w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
-  w.add_rope_dimension_count(cfg.head_dim)
+  w.add_rope_dimension_count(getattr(cfg, "head_dim", None) or
+                             cfg.hidden_size // cfg.num_attention_heads)
   w.add_vocab_size(cfg.vocab_size)
   sd = {k: v.detach().float().numpy() for k, v in model.state_dict().items()}
 
@@ -381,14 +385,18 @@ def write_tiny_gguf(path, model, arch="llama", extra=None, replace=None):
       w.add_tensor(name, np.ascontiguousarray(t))
 
   add("token_embd.weight", sd["model.embed_tokens.weight"])
+  permute = arch not in ("qwen2", "qwen3")
   for i in range(cfg.num_hidden_layers):
     for hf_mod, g in _GGUF_NAMES.items():
-      t = sd[f"model.layers.{i}.{hf_mod}.weight"]
-      if g == "attn_q":
-        t = _llamacpp_permute(t, cfg.num_attention_heads)
-      elif g == "attn_k":
-        t = _llamacpp_permute(t, cfg.num_key_value_heads)
-      add(f"blk.{i}.{g}.weight", t)
+      for kind in ("weight", "bias"):
+        t = sd.get(f"model.layers.{i}.{hf_mod}.{kind}")
+        if t is None:
+          continue
+        if permute and g == "attn_q":
+          t = _llamacpp_permute(t, cfg.num_attention_heads)
+        elif permute and g == "attn_k":
+          t = _llamacpp_permute(t, cfg.num_key_value_heads)
+        add(f"blk.{i}.{g}.{kind}", t)
   add("output_norm.weight", sd["model.norm.weight"])
   if not cfg.tie_word_embeddings:
     add("output.weight", sd["lm_head.weight"])
@@ -527,9 +535,12 @@ def test_wrong_shape(tmp_path, good_ckpt):
 
 
 def test_non_llama_architecture(tmp_path, good_ckpt):
-  for arch, model_type in (("MistralForCausalLM", "mistral"),
-                           ("GPT2LMHeadModel", "gpt2")):
-    d = _copy(good_ckpt, tmp_path / model_type)
+  # Gemma2 is a stretch family icm-jax skips; a Qwen2 class under a llama
+  # model_type is a mix-up, not a Llama.
+  for arch, model_type in (("Gemma2ForCausalLM", "gemma2"),
+                           ("GPT2LMHeadModel", "gpt2"),
+                           ("Qwen2ForCausalLM", "llama")):
+    d = _copy(good_ckpt, tmp_path / arch)
     conf = json.loads((d / "config.json").read_text())
     conf.update(architectures=[arch], model_type=model_type)
     (d / "config.json").write_text(json.dumps(conf))

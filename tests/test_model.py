@@ -134,9 +134,9 @@ def test_hf_config_round_trip_and_validation():
                      tie_word_embeddings=True)
   assert LlamaConfig.from_hf_config(cfg.to_hf_config()) == cfg
   hf = cfg.to_hf_config()
-  with pytest.raises(ValueError, match="mistral"):
-    LlamaConfig.from_hf_config({**hf, "model_type": "mistral",
-                                "architectures": ["MistralForCausalLM"]})
+  with pytest.raises(ValueError, match="gemma2"):
+    LlamaConfig.from_hf_config({**hf, "model_type": "gemma2",
+                                "architectures": ["Gemma2ForCausalLM"]})
   with pytest.raises(ValueError, match="num_hidden_layers"):
     LlamaConfig.from_hf_config({k: v for k, v in hf.items()
                                 if k != "num_hidden_layers"})

@@ -264,6 +264,7 @@ RUN_SCRIPT = textwrap.dedent("""
     import jax
     import numpy as np
     sys.path.insert(0, {tests!r})
+    sys.path.insert(0, os.path.dirname({tests!r}))  # this checkout's icm_jax
     from test_training import TINY, make_examples, marker_labels, tiny_init
     from icm_jax.training import TrainConfig, train
 
@@ -271,7 +272,8 @@ RUN_SCRIPT = textwrap.dedent("""
     examples = make_examples(15, seed=5)
     cfg = TrainConfig(learning_rate=3e-3, warmup_steps=2, num_epochs=2,
                       batch_size=5, grad_accum_steps=1, checkpoint_every=2,
-                      keep_checkpoints=2, min_seq_len=16)
+                      keep_checkpoints=2, min_seq_len=16,
+                      lora_rank=int(sys.argv[4]))
 
     def callback(step, record):
       if step == kill_at:
@@ -280,7 +282,8 @@ RUN_SCRIPT = textwrap.dedent("""
     result = train(TINY, tiny_init(), examples,
                    marker_labels(examples), cfg, workdir=workdir,
                    metrics_callback=callback, progress=False)
-    leaves = jax.tree_util.tree_leaves_with_path(result.params)
+    leaves = jax.tree_util.tree_leaves_with_path(
+        {{"params": result.params, "adapters": result.adapters}})
     np.savez(out, **{{jax.tree_util.keystr(p): np.asarray(x)
                       for p, x in leaves}})
     print(json.dumps({{"start_step": result.start_step,
@@ -288,7 +291,8 @@ RUN_SCRIPT = textwrap.dedent("""
 """)
 
 
-def test_resume_after_kill_is_bit_equal(tmp_path):
+@pytest.mark.parametrize("lora_rank", [0, 4])
+def test_resume_after_kill_is_bit_equal(tmp_path, lora_rank):
   script = tmp_path / "run.py"
   script.write_text(RUN_SCRIPT.format(tests=os.path.dirname(__file__)))
 
@@ -300,7 +304,7 @@ def test_resume_after_kill_is_bit_equal(tmp_path):
                  JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
     return subprocess.Popen(
         [sys.executable, str(script), str(tmp_path / name), str(kill_at),
-         str(tmp_path / f"{name}.npz")],
+         str(tmp_path / f"{name}.npz"), str(lora_rank)],
         env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
   # 6 steps, checkpoints every 2; one run is killed at step 5.
@@ -319,6 +323,7 @@ def test_resume_after_kill_is_bit_equal(tmp_path):
 
   a, b = np.load(tmp_path / "whole.npz"), np.load(tmp_path / "killed.npz")
   assert sorted(a.files) == sorted(b.files)
+  assert any("adapters" in name for name in a.files) == (lora_rank > 0)
   for name in a.files:
     np.testing.assert_array_equal(a[name], b[name], err_msg=name)
   whole_log = read_jsonl(tmp_path / "whole" / "train_metrics.jsonl")
@@ -384,7 +389,8 @@ def test_bad_labels_and_prompts_name_the_example(tiny_params):
     ("adam_b2", -0.5), ("max_grad_norm", -1.0), ("compute_dtype", "fp8"),
     ("end_learning_rate_fraction", 1.5), ("min_seq_len", 0),
     ("checkpoint_every", -1), ("keep_checkpoints", 0), ("log_every", 0),
-    ("seed", 1.5), ("remat", "yes"), ("num_epochs", True)])
+    ("seed", 1.5), ("remat", "yes"), ("num_epochs", True), ("lora_rank", -1),
+    ("lora_rank", 2.0), ("lora_alpha", 0.0)])
 def test_bad_config_values_name_the_key(key, value):
   with pytest.raises(ValueError, match=rf"train\.{key}\b"):
     TrainConfig(**{key: value})

@@ -49,6 +49,9 @@ _LENGTHS = flags.DEFINE_string(
 _DATA = flags.DEFINE_string("data", None, "Records file for the lengths.")
 _TOKENIZER = flags.DEFINE_string(
     "tokenizer", None, "Tokenizer for measured lengths (default SmolLM2).")
+_LORA_RANK = flags.DEFINE_integer(
+    "lora_rank", 16, "LoRA rank of the train-state memory line (full "
+    "fine-tuning vs LoRA; 0 = no line).")
 _TRAIN_EXAMPLES = flags.DEFINE_integer(
     "train_examples", 1484, "Fine-tuning set size with --lengths=MEAN,MAX.")
 
@@ -101,6 +104,9 @@ def _run():
     target_rows, _ = aot.plan_rows(target, workload, scoring, search, train,
                                    modes, recorded=recorded)
     rows += target_rows
+    if _LORA_RANK.value:
+      notes.append(_train_memory_line(target, topology, mesh, model,
+                                      workload, train))
     notes.append(f"{target.label}: {topology.num_chips} x {target.chip.name}"
                  f" ({target.chip.peak_flops / 1e12:.0f} TFLOP/s bf16, "
                  f"{target.chip.hbm_bandwidth / 1e9:.0f} GB/s HBM per chip)")
@@ -119,6 +125,31 @@ def _run():
         "at peak, attention counted on visible (query, key) pairs only, no "
         "communication or host time).")
   return 0
+
+
+def _train_memory_line(target, topology, mesh, model, workload, train):
+  """Per-chip train state, full fine-tuning vs LoRA (from the step's
+  shardings; nothing is compiled)."""
+  import dataclasses
+  from icm_jax import aot
+  seq_len = workload.train_step_length(train.min_seq_len,
+                                       model.max_position_embeddings)
+  devices = aot.topology_mesh(topology, mesh)
+  parts = []
+  for rank in (0, _LORA_RANK.value):
+    # The state does not depend on the batch: one row per data-parallel
+    # chip keeps any config's batch valid on this mesh.
+    state_train = dataclasses.replace(train, lora_rank=rank,
+                                      batch_size=target.divisor,
+                                      grad_accum_steps=1)
+    call = aot.train_call(model, devices, workload, state_train, seq_len,
+                          len(workload.train_lengths) or workload.num_examples)
+    state = aot.train_state_bytes(call, rank)
+    detail = ", ".join(f"{k} {v / aot.GiB:.2f}" for k, v in state.items())
+    what = f"LoRA r={rank}" if rank else "full fine-tune"
+    parts.append(f"{what} {sum(state.values()) / aot.GiB:.2f} GiB ({detail})")
+  return (f"{target.label}: train state per chip (params + AdamW state + "
+          "gradients; activations not included): " + "; ".join(parts))
 
 
 if __name__ == "__main__":

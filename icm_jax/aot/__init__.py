@@ -42,7 +42,8 @@ One stage per module:
 from icm_jax.aot.calls import (SCORING_MODES, Call, abstract_examples,
                                abstract_params, scoring_calls, train_call)
 from icm_jax.aot.compile import (CallReport, check_fit, compile_call,
-                                 compile_calls, fit_advice, fit_lines, fits)
+                                 compile_calls, fit_advice, fit_lines, fits,
+                                 train_state_bytes)
 from icm_jax.aot.costs import (Cost, exact_cost, exact_shared_cost,
                                forward_cost, parallel_cache_cost,
                                parallel_query_cost, shared_context_cost,
@@ -88,7 +89,7 @@ __all__ = [
     "scoring_calls", "train_call",
     # compile
     "CallReport", "check_fit", "compile_call", "compile_calls", "fit_advice",
-    "fit_lines", "fits",
+    "fit_lines", "fits", "train_state_bytes",
     # costs
     "Cost", "exact_cost", "exact_shared_cost", "forward_cost",
     "parallel_cache_cost", "parallel_query_cost", "shared_context_cost",

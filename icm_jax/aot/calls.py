@@ -205,7 +205,8 @@ def train_call(model: LlamaConfig, mesh, workload: Workload,
   fn = step.fn
   return Call(
       "train", f"train step: batch {train.batch_size} ({a} x {m} rows) of "
-      f"{seq_len} tokens, compute {dtype}, remat={train.remat}, AdamW",
+      f"{seq_len} tokens, compute {dtype}, remat={train.remat}, AdamW" +
+      (f", LoRA r={train.lora_rank}" if train.lora_rank else ""),
       fn, args,
       train_step_cost(forward_config, seq_len, train, divisor,
                       mesh.shape["tensor"], sharding_chips=mesh.size),

@@ -84,6 +84,19 @@ def _per_chip_bytes(tree) -> int:
   return int(total)
 
 
+def train_state_bytes(call: Call, lora_rank: int) -> Dict[str, int]:
+  """Per chip, what a train step (`train_call`) keeps from step to step, by
+  its own shardings: the params (with LoRA the frozen base + the adapters),
+  the AdamW state, and the gradient accumulator (shaped like the trainable
+  part). Activations and temporaries are the compiler's to report."""
+  from icm_jax.training import lora
+  params, opt_state = call.args[0], call.args[1]
+  trainable = params[lora.ADAPTERS] if lora_rank else params
+  return {"params": _per_chip_bytes(params),
+          "AdamW state": _per_chip_bytes(opt_state),
+          "gradients": _per_chip_bytes(trainable)}
+
+
 def _cache_sharding_guess(out_info, mesh):
   """A DemoCache's shardings: KV heads over 'tensor' when they divide."""
   def one(x):

@@ -255,7 +255,24 @@ def train_step_cost(cfg: LlamaConfig, seq_len: int, train: TrainConfig,
     total = total + dataclasses.replace(
         fwd, matmul_flops=fwd.matmul_flops - skipped)
   # AdamW in the params' dtype: read p, g, mu, nu; write p, mu, nu; the
-  # gradient accumulator written once.
-  update = Cost(hbm_bytes=8 * cfg.num_params() * cfg.params_dtype.itemsize /
+  # gradient accumulator written once. With LoRA only the adapters are
+  # updated, and each micro-batch merges W + s·a·b (one rank-r product
+  # forward, two backward) and reads W, writing the merged copy.
+  trainable = cfg.num_params()
+  if train.lora_rank:
+    trainable = lora_params(cfg, train.lora_rank)
+    lp = _layer_matmul_params(cfg) * cfg.num_layers
+    total = total + Cost(
+        matmul_flops=6 * train.lora_rank * lp * batches / sharding_chips,
+        hbm_bytes=lp * (cfg.params_dtype.itemsize + cfg.compute_dtype.itemsize)
+        * batches / sharding_chips)
+  update = Cost(hbm_bytes=8 * trainable * cfg.params_dtype.itemsize /
                 sharding_chips)
   return total + update
+
+
+def lora_params(cfg: LlamaConfig, rank: int) -> int:
+  """Adapter parameters: rank * (in + out) of q/k/v/o, gate/up/down."""
+  d, f = cfg.hidden_size, cfg.intermediate_size
+  q, kv = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
+  return rank * cfg.num_layers * (7 * d + 2 * q + 2 * kv + 3 * f)

@@ -1,5 +1,5 @@
-"""Model architectures to plan for (Llama-3.1 8B / 70B, no weights), and
-fixing the attention kernel for a TPU target."""
+"""Model architectures to plan for (Llama-3.2 1B, Llama-3.1 8B / 70B, no
+weights), and fixing the attention kernel for a TPU target."""
 
 from __future__ import annotations
 
@@ -28,7 +28,7 @@ def attention_impl(config: LlamaConfig) -> str:
 
 
 def model_preset(name: str, arg: str = "--model", **overrides) -> LlamaConfig:
-  """Llama-3.1-8B / 70B architecture (no weights)."""
+  """Llama-3.2-1B / Llama-3.1-8B / 70B architecture (no weights)."""
   try:
     key = preset_name(name)
   except KeyError:

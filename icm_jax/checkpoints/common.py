@@ -99,9 +99,11 @@ def _hf_template(path: Tuple[str, ...]) -> Tuple[str, bool, bool]:
   if path in fixed:
     name, transpose = fixed[path]
     return name, False, transpose
-  if path[0] == "layers" and len(path) >= 3 and path[-1] in ("scale", "kernel"):
+  hf_leaf = {"scale": "weight", "kernel": "weight", "bias": "bias"}
+  if path[0] == "layers" and len(path) >= 3 and path[-1] in hf_leaf:
     module = ".".join(path[1:-1])
-    return f"model.layers.{{i}}.{module}.weight", True, path[-1] == "kernel"
+    return (f"model.layers.{{i}}.{module}.{hf_leaf[path[-1]]}", True,
+            path[-1] == "kernel")
   raise NotImplementedError(f"no HF tensor name known for parameter {path}")
 
 
@@ -339,8 +341,8 @@ def iter_hf_tensors(params, config: LlamaConfig) -> Iterator[HFTensor]:
   yield emit(("embed_tokens", "embedding"))
   layer_paths = [s.path for s in specs if s.stacked]
   order = ["input_layernorm", "self_attn", "post_attention_layernorm", "mlp"]
-  proj = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
-          "down_proj"]
+  proj = ["q_proj", "k_proj", "v_proj", "o_proj", "q_norm", "k_norm",
+          "gate_proj", "up_proj", "down_proj"]
 
   def rank(p):
     return (order.index(p[1]) if p[1] in order else 99,

@@ -1,10 +1,12 @@
-"""GGUF (llama.cpp) import for `general.architecture == "llama"` files.
+"""GGUF (llama.cpp) import for `general.architecture` "llama", "qwen2" and
+"qwen3" files (llama.cpp writes Mistral as "llama").
 
 Tensors are dequantized with `gguf.quants.dequantize`, a row block at a time:
 only the rows a device shard needs are dequantized. llama.cpp stores the rows of
 attn_q / attn_k with each head's rotary pairs interleaved ([x0, y0, x1, y1..]);
 we undo that permutation to HF's "rotate half" layout ([x0, x1, .., y0, y1..])
-on the fly, as transformers' GGUF loader does.
+on the fly, as transformers' GGUF loader does. Qwen files keep HF's layout
+(llama.cpp runs them with "neox" rope), so their rows are read as they are.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import numpy as np
 from icm_jax.checkpoints.common import (CheckpointError, Index, ShardingsArg,
                                         TensorSource, build_params,
                                         check_overrides, param_specs)
-from icm_jax.model.config import LlamaConfig
+from icm_jax.model.config import FAMILY_FEATURES, LlamaConfig
 from icm_jax.model.layers import rope_inverse_frequencies
 
 # HF tensor name -> GGUF tensor name (llama.cpp's standard llama names).
@@ -34,11 +36,15 @@ _LAYER = {
     "self_attn.k_proj": "attn_k",
     "self_attn.v_proj": "attn_v",
     "self_attn.o_proj": "attn_output",
+    "self_attn.q_norm": "attn_q_norm",
+    "self_attn.k_norm": "attn_k_norm",
     "mlp.gate_proj": "ffn_gate",
     "mlp.up_proj": "ffn_up",
     "mlp.down_proj": "ffn_down",
 }
-_LAYER_RE = re.compile(r"^model\.layers\.(\d+)\.(.+)\.weight$")
+_LAYER_RE = re.compile(r"^model\.layers\.(\d+)\.(.+)\.(weight|bias)$")
+# GGUF architecture -> our family; llama.cpp permutes q/k rows of "llama" only.
+GGUF_FAMILIES = ("llama", "qwen2", "qwen3")
 ROPE_FREQS = "rope_freqs.weight"
 
 
@@ -47,7 +53,7 @@ def hf_to_gguf_name(name: str) -> str:
     return _TOP[name]
   m = _LAYER_RE.match(name)
   if m and m.group(2) in _LAYER:
-    return f"blk.{m.group(1)}.{_LAYER[m.group(2)]}.weight"
+    return f"blk.{m.group(1)}.{_LAYER[m.group(2)]}.{m.group(3)}"
   raise KeyError(name)
 
 
@@ -88,16 +94,16 @@ def _field(reader, key: str, default: Any = None, *, path: str = "",
 def gguf_config(reader, path: str,
                 config_overrides: Optional[Mapping[str, Any]] = None
                 ) -> LlamaConfig:
-  """LlamaConfig from the `llama.*` metadata of an open GGUFReader."""
+  """LlamaConfig from the `<arch>.*` metadata of an open GGUFReader."""
   arch = _field(reader, "general.architecture", path=path, required=True)
-  if arch != "llama":
+  if arch not in GGUF_FAMILIES:
     raise CheckpointError(f"{path}: unsupported GGUF architecture {arch!r}; "
-                          "icm-jax loads 'llama' only")
-  need = lambda k: _field(reader, f"llama.{k}", path=path, required=True)
-  opt = lambda k, d=None: _field(reader, f"llama.{k}", d, path=path)
+                          f"icm-jax loads {GGUF_FAMILIES} only")
+  need = lambda k: _field(reader, f"{arch}.{k}", path=path, required=True)
+  opt = lambda k, d=None: _field(reader, f"{arch}.{k}", d, path=path)
   rope_type = opt("rope.scaling.type", "none")
   if rope_type not in ("none", None):
-    raise CheckpointError(f"{path}: llama.rope.scaling.type={rope_type!r} is "
+    raise CheckpointError(f"{path}: {arch}.rope.scaling.type={rope_type!r} is "
                           "not supported")
   names = {t.name: t for t in reader.tensors}
   num_heads = int(need("attention.head_count"))
@@ -127,12 +133,14 @@ def gguf_config(reader, path: str,
       tie_word_embeddings="output.weight" not in names,
       bos_token_id=_field(reader, "tokenizer.ggml.bos_token_id"),
       eos_token_id=_field(reader, "tokenizer.ggml.eos_token_id"),
+      architecture=arch,
+      **FAMILY_FEATURES[arch],
   )
   kwargs.update(check_overrides(config_overrides))
   try:
     return LlamaConfig(**kwargs)
   except ValueError as e:
-    raise CheckpointError(f"{path}: invalid llama metadata: {e}") from e
+    raise CheckpointError(f"{path}: invalid {arch} metadata: {e}") from e
 
 
 def _unpermute_rows(n_rows: int, n_heads: int) -> np.ndarray:
@@ -161,7 +169,7 @@ class GGUFSource(TensorSource):
           del self._hf[g]
           self._hf[hf_name] = g
     self._perm_heads = {}
-    for i in range(config.num_layers):
+    for i in range(config.num_layers if config.architecture == "llama" else 0):
       self._perm_heads[f"model.layers.{i}.self_attn.q_proj.weight"] = (
           config.num_heads)
       self._perm_heads[f"model.layers.{i}.self_attn.k_proj.weight"] = (
@@ -228,7 +236,8 @@ def _check_rope_freqs(reader, path: str, config: LlamaConfig) -> None:
 def load_gguf(path: str, *, param_shardings: ShardingsArg = None,
               config_overrides: Optional[Mapping[str, Any]] = None,
               strict: bool = True):
-  """(LlamaConfig, params) from a llama GGUF file (any dequantizable type)."""
+  """(LlamaConfig, params) from a llama/qwen2/qwen3 GGUF file (any
+  dequantizable type)."""
   path = os.fspath(path)
   reader = _open_reader(path)
   config = gguf_config(reader, path, config_overrides)

@@ -73,8 +73,9 @@ def load_model(path: str, *,
                config_overrides: Optional[Mapping[str, Any]] = None,
                with_tokenizer: bool = True,
                strict: bool = True) -> LoadedModel:
-  """Loads a Llama checkpoint: HF directory (config.json + model.safetensors or
-  sharded *.safetensors + model.safetensors.index.json) or a llama .gguf file.
+  """Loads a Llama-family checkpoint (Llama, Mistral, Qwen2/2.5, Qwen3): HF
+  directory (config.json + model.safetensors or sharded *.safetensors +
+  model.safetensors.index.json) or a llama/qwen2/qwen3 .gguf file.
 
   param_shardings: None -> every param on jax.devices()[0]; or a pytree of
     `jax.sharding.Sharding` with the structure of `param_shapes(config)`; or a

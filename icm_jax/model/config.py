@@ -8,9 +8,26 @@ from typing import Any, Mapping, Optional
 import jax
 import jax.numpy as jnp
 
-# HF architectures we can load: every one of these is the plain Llama decoder
-# (RMSNorm, rotary, SwiGLU, GQA, no biases).
-SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM",)
+# The families we load, by HF `model_type`, with their HF architecture class.
+# Every one is the Llama decoder (RMSNorm, rotary, SwiGLU, GQA) plus the
+# differences `FAMILY_FEATURES` names, each a LlamaConfig field.
+ARCHITECTURES = {
+    "llama": "LlamaForCausalLM",
+    "mistral": "MistralForCausalLM",
+    "qwen2": "Qwen2ForCausalLM",
+    "qwen3": "Qwen3ForCausalLM",
+}
+SUPPORTED_ARCHITECTURES = tuple(ARCHITECTURES.values())
+# The value of each family-fixed field: the HF modeling code of each family
+# hard-wires them, so a config that disagrees would not round-trip.
+#   qkv_bias: biases on the q/k/v projections (Qwen2/2.5).
+#   qk_norm: per-head RMSNorm of q and k before rope (Qwen3).
+FAMILY_FEATURES = {
+    "llama": {"qkv_bias": False, "qk_norm": False},
+    "mistral": {"qkv_bias": False, "qk_norm": False},
+    "qwen2": {"qkv_bias": True, "qk_norm": False},
+    "qwen3": {"qkv_bias": False, "qk_norm": True},
+}
 ATTENTION_IMPLS = ("auto", "xla", "splash", "splash_interpret")
 
 _DTYPES = {
@@ -41,7 +58,13 @@ class RopeScaling:
 
 @dataclasses.dataclass(frozen=True)
 class LlamaConfig:
-  """Architecture + numerics of a Llama decoder.
+  """Architecture + numerics of a Llama-family decoder.
+
+  `architecture` is the HF family (a key of ARCHITECTURES; it names the
+  export's config.json), and the fields after it are its differences from
+  the Llama block. `sliding_window`: the family's attention window (Mistral,
+  Qwen); icm-jax runs full causal attention, which equals windowed attention
+  only while every row fits the window, so longer calls are refused.
 
   `dtype` is the compute dtype of matmuls/activations; `param_dtype` the dtype
   parameters are stored in. Attention logits, softmax, RMSNorm statistics and
@@ -62,6 +85,10 @@ class LlamaConfig:
   tie_word_embeddings: bool = False
   bos_token_id: Optional[int] = None
   eos_token_id: Any = None
+  architecture: str = "llama"
+  qkv_bias: bool = False
+  qk_norm: bool = False
+  sliding_window: Optional[int] = None
   dtype: str = "float32"
   param_dtype: str = "float32"
   # Rematerialise each decoder layer in the backward pass (trainer memory).
@@ -96,6 +123,36 @@ class LlamaConfig:
       raise ValueError("LlamaConfig.rms_norm_eps and rope_theta must be > 0")
     dtype_from_name(self.dtype)
     dtype_from_name(self.param_dtype)
+    if self.architecture not in ARCHITECTURES:
+      raise ValueError(f"LlamaConfig.architecture={self.architecture!r} not in "
+                       f"{tuple(ARCHITECTURES)}")
+    for name, value in FAMILY_FEATURES[self.architecture].items():
+      if getattr(self, name) != value:
+        raise ValueError(f"LlamaConfig.{name}={getattr(self, name)!r}, but "
+                         f"{self.architecture} models have {name}={value}")
+    if self.sliding_window is not None:
+      if self.architecture == "llama":
+        raise ValueError("LlamaConfig.sliding_window: llama has no sliding "
+                         "window attention")
+      if not isinstance(self.sliding_window, int) or self.sliding_window <= 0:
+        raise ValueError("LlamaConfig.sliding_window must be None or a "
+                         f"positive int, got {self.sliding_window!r}")
+
+  def check_window(self, num_keys: int) -> None:
+    """Refuses a call whose rows are longer than the attention window.
+
+    Full causal attention equals the family's sliding-window attention
+    exactly when no query is `sliding_window` or more keys after a key it
+    sees, which holds for every row of `num_keys` keys iff num_keys <= window.
+    """
+    if self.sliding_window is not None and num_keys > self.sliding_window:
+      raise ValueError(
+          f"sliding_window={self.sliding_window} ({self.architecture} "
+          f"config.json) is shorter than this call's rows of {num_keys} "
+          "positions; icm-jax does not implement sliding-window attention, "
+          "so it refuses rather than attend past the window (shorten the "
+          "prompts, or set model.max_context <= the window so the scorer "
+          "and many-shot prompts stay inside it)")
 
   @property
   def compute_dtype(self) -> jnp.dtype:
@@ -125,6 +182,10 @@ class LlamaConfig:
     q = self.num_heads * self.head_dim
     kv = self.num_kv_heads * self.head_dim
     per_layer = d * (q + 2 * kv) + q * d + 3 * d * f + 2 * d
+    if self.qkv_bias:
+      per_layer += q + 2 * kv
+    if self.qk_norm:
+      per_layer += 2 * self.head_dim
     head = 0 if self.tie_word_embeddings else d * v
     return v * d + self.num_layers * per_layer + d + head
 
@@ -132,17 +193,23 @@ class LlamaConfig:
 
   @classmethod
   def from_hf_config(cls, hf: Mapping[str, Any], **overrides) -> "LlamaConfig":
-    """Builds a config from an HF `config.json` dict (Llama 2/3/3.1/3.2, SmolLM2)."""
+    """Builds a config from an HF `config.json` dict (Llama 2/3/3.1/3.2,
+    SmolLM2, Mistral, Qwen2/2.5, Qwen3)."""
     where = "config.json"
-    archs = hf.get("architectures") or ["LlamaForCausalLM"]
     model_type = hf.get("model_type", "llama")
-    if model_type != "llama" or not set(archs) <= set(SUPPORTED_ARCHITECTURES):
+    family = model_type if model_type in ARCHITECTURES else None
+    archs = hf.get("architectures") or [ARCHITECTURES.get(model_type)]
+    if family is None or set(archs) != {ARCHITECTURES[family]}:
       raise ValueError(
           f"{where}: unsupported architecture {archs} (model_type={model_type!r});"
           f" icm-jax implements {SUPPORTED_ARCHITECTURES} only")
-    for flag in ("attention_bias", "mlp_bias"):
+    # Qwen2's q/k/v biases are hard-wired (no flag); Llama, Mistral and
+    # Qwen3 would put `attention_bias` on o_proj too, which we do not model.
+    flags = ("mlp_bias",) if family == "qwen2" else ("attention_bias", "mlp_bias")
+    for flag in flags:
       if hf.get(flag):
-        raise ValueError(f"{where}: {flag}=true is not supported by this Llama")
+        raise ValueError(f"{where}: {flag}=true is not supported for "
+                         f"{family}")
     act = hf.get("hidden_act", "silu")
     if act != "silu":
       raise ValueError(f"{where}: hidden_act={act!r} is not supported (need 'silu')")
@@ -177,15 +244,19 @@ class LlamaConfig:
         tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
         bos_token_id=hf.get("bos_token_id"),
         eos_token_id=hf.get("eos_token_id"),
+        architecture=family,
+        sliding_window=_sliding_window_from_hf(hf, family, where),
+        **FAMILY_FEATURES[family],
     )
     kwargs.update(overrides)
     return cls(**kwargs)
 
   def to_hf_config(self, dtype: str = "float32") -> dict:
-    """The `config.json` dict that transformers' LlamaForCausalLM loads."""
+    """The `config.json` dict that transformers' *ForCausalLM of this
+    family loads."""
     hf = {
-        "architectures": ["LlamaForCausalLM"],
-        "model_type": "llama",
+        "architectures": [ARCHITECTURES[self.architecture]],
+        "model_type": self.architecture,
         "vocab_size": self.vocab_size,
         "hidden_size": self.hidden_size,
         "intermediate_size": self.intermediate_size,
@@ -198,10 +269,16 @@ class LlamaConfig:
         "rope_theta": self.rope_theta,
         "max_position_embeddings": self.max_position_embeddings,
         "tie_word_embeddings": self.tie_word_embeddings,
-        "attention_bias": False,
-        "mlp_bias": False,
         "dtype": dtype,  # transformers>=5 spelling (was torch_dtype)
     }
+    if self.architecture != "qwen2":
+      hf.update(attention_bias=False, mlp_bias=False)
+    if self.architecture == "mistral":
+      hf["sliding_window"] = self.sliding_window
+    elif self.architecture in ("qwen2", "qwen3"):
+      # Every layer windowed (max_window_layers=0), as we read it back.
+      hf.update(use_sliding_window=self.sliding_window is not None,
+                sliding_window=self.sliding_window, max_window_layers=0)
     rope = {"rope_type": "default", "rope_theta": self.rope_theta}
     if self.rope_scaling is not None:
       rs = self.rope_scaling
@@ -241,3 +318,30 @@ def _rope_scaling_from_hf(rope: Any, where: str) -> Optional[RopeScaling]:
     )
   except KeyError as e:
     raise ValueError(f"{where}: rope_scaling is missing key {e.args[0]!r}") from None
+
+
+def _sliding_window_from_hf(hf: Mapping[str, Any], family: str, where: str
+                            ) -> Optional[int]:
+  """The attention window if any layer of this config uses one.
+
+  Mistral windows every layer when `sliding_window` is set. Qwen2/3 window
+  only with use_sliding_window=true, and then only the layers `layer_types`
+  (or max_window_layers) marks; a window on some layers is still a window
+  the rows must fit, so any windowed layer counts.
+  """
+  window = hf.get("sliding_window")
+  if family == "llama" or window is None:
+    return None
+  if family in ("qwen2", "qwen3"):
+    if not hf.get("use_sliding_window"):
+      return None
+    layer_types = hf.get("layer_types")
+    if layer_types is not None and "sliding_attention" not in layer_types:
+      return None
+    if layer_types is None and hf.get("max_window_layers", 0) >= hf.get(
+        "num_hidden_layers", 0):
+      return None
+  if isinstance(window, bool) or not isinstance(window, int) or window <= 0:
+    raise ValueError(f"{where}: sliding_window={window!r} is not a positive "
+                     "int")
+  return window

@@ -73,10 +73,11 @@ def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: np.ndarray):
   return x * cos + rotated * sin
 
 
-def _dense(features: int, name: str, config: LlamaConfig) -> nn.Dense:
+def _dense(features: int, name: str, config: LlamaConfig,
+           use_bias: bool = False) -> nn.Dense:
   return nn.Dense(
       features,
-      use_bias=False,
+      use_bias=use_bias,
       dtype=config.compute_dtype,
       param_dtype=config.params_dtype,
       kernel_init=nn.initializers.normal(0.02),
@@ -100,12 +101,17 @@ class Attention(nn.Module):
     cfg = self.config
     batch, length, _ = x.shape
     hd = cfg.head_dim
-    q = _dense(cfg.num_heads * hd, "q_proj", cfg)(x)
-    k = _dense(cfg.num_kv_heads * hd, "k_proj", cfg)(x)
-    v = _dense(cfg.num_kv_heads * hd, "v_proj", cfg)(x)
+    q = _dense(cfg.num_heads * hd, "q_proj", cfg, cfg.qkv_bias)(x)
+    k = _dense(cfg.num_kv_heads * hd, "k_proj", cfg, cfg.qkv_bias)(x)
+    v = _dense(cfg.num_kv_heads * hd, "v_proj", cfg, cfg.qkv_bias)(x)
     q = q.reshape(batch, length, cfg.num_heads, hd)
     k = k.reshape(batch, length, cfg.num_kv_heads, hd)
     v = v.reshape(batch, length, cfg.num_kv_heads, hd)
+    if cfg.qk_norm:  # Qwen3: one RMSNorm over head_dim, shared by all heads
+      q = RMSNorm(cfg.rms_norm_eps, cfg.compute_dtype, cfg.params_dtype,
+                  name="q_norm")(q)
+      k = RMSNorm(cfg.rms_norm_eps, cfg.compute_dtype, cfg.params_dtype,
+                  name="k_norm")(k)
     inv_freq = rope_inverse_frequencies(cfg)
     q = apply_rope(q, positions, inv_freq)
     k = apply_rope(k, positions, inv_freq)

@@ -42,7 +42,7 @@ class DecoderLayer(nn.Module):
 
 
 class Llama(nn.Module):
-  """Llama decoder.
+  """Llama-family decoder (Llama, Mistral, Qwen2/2.5, Qwen3; see LlamaConfig).
 
   __call__(tokens [B,T] int, positions [B,T] int, attention_mask [B,T,S+T] bool,
            kv_cache=None, logit_positions=None, return_kv=False,
@@ -101,6 +101,7 @@ class Llama(nn.Module):
     if tuple(positions.shape) != (batch, length):
       raise ValueError(f"positions has shape {positions.shape}, expected "
                        f"{(batch, length)}")
+    cfg.check_window(prefix + length)
     x = self.embed_tokens(tokens)
     layer_cache = None if kv_cache is None else (kv_cache.k, kv_cache.v)
     x, (k, v) = self.layers(x, layer_cache, positions,

@@ -20,6 +20,13 @@ _LLAMA31 = dict(
     bos_token_id=128000, eos_token_id=128001)
 
 PRESETS: Dict[str, dict] = {
+    # Llama-3.2-1B: the 1B shape of the LoRA vs full fine-tuning memory line.
+    "llama-3.2-1b": dict(
+        _LLAMA31, hidden_size=2048, intermediate_size=8192, num_layers=16,
+        num_heads=32, head_dim=64, tie_word_embeddings=True,
+        rope_scaling=RopeScaling(factor=32.0, low_freq_factor=1.0,
+                                 high_freq_factor=4.0,
+                                 original_max_position_embeddings=8192)),
     "llama-3.1-8b": dict(_LLAMA31, hidden_size=4096, intermediate_size=14336,
                          num_layers=32, num_heads=32),
     "llama-3.1-70b": dict(_LLAMA31, hidden_size=8192, intermediate_size=28672,

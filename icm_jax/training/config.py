@@ -33,7 +33,11 @@ class TrainConfig:
     are right-padded to (few distinct shapes = few compilations).
   checkpoint_every: orbax save interval in optimizer steps (0 = only the final
     step); keep_checkpoints: how many orbax checkpoints to keep.
-  seed: the data order (one permutation per epoch).
+  seed: the data order (one permutation per epoch) and the LoRA init.
+  lora_rank: 0 fine-tunes every parameter; r > 0 trains rank-r LoRA adapters
+    on the attention and MLP projections (q/k/v/o, gate/up/down) with the
+    base params frozen; the result is the merged W + (lora_alpha / r) B·A.
+  lora_alpha: the LoRA scale's numerator (scale = lora_alpha / lora_rank).
   """
 
   learning_rate: float = 1e-5
@@ -53,6 +57,8 @@ class TrainConfig:
   keep_checkpoints: int = 2
   log_every: int = 10
   seed: int = 0
+  lora_rank: int = 0
+  lora_alpha: float = 16.0
 
   def __post_init__(self):
     def bad(key, why):
@@ -93,6 +99,9 @@ class TrainConfig:
     integer("keep_checkpoints", 1)
     integer("log_every", 1)
     integer("seed", 0)
+    integer("lora_rank", 0)
+    if number("lora_alpha") <= 0:
+      bad("lora_alpha", "must be > 0")
     if self.batch_size % self.grad_accum_steps:
       bad("batch_size", f"must be a multiple of train.grad_accum_steps="
           f"{self.grad_accum_steps}")

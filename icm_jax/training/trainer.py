@@ -35,8 +35,8 @@ from icm_jax.sharding import (BATCH_AXES, LLAMA_RULES, MeshConfig,
                               batch_divisor, create_mesh, param_shardings,
                               path_to_str)
 from icm_jax.tokenization import ExampleTokens
-from icm_jax.training import data
 from icm_jax import storage
+from icm_jax.training import data, lora
 from icm_jax.metrics_log import MetricsLog
 from icm_jax.scoring.common import label_log_probs as word_log_probs
 from icm_jax.training.checkpointing import (METRICS_FILE, TrainCheckpoints,
@@ -44,7 +44,7 @@ from icm_jax.training.checkpointing import (METRICS_FILE, TrainCheckpoints,
 from icm_jax.training.config import TrainConfig
 
 # Optimizer-state leaves the param rules do not cover: optax step counters.
-OPT_STATE_RULES = tuple(LLAMA_RULES) + ((r"(^|/)count$", P()),)
+OPT_STATE_RULES = ((r"(^|/)count$", P()),)
 
 
 @dataclasses.dataclass
@@ -53,6 +53,9 @@ class TrainResult:
 
   params: same structure and dtype as the input params (placed like them when
     they were jax.Arrays, else by LLAMA_RULES on the mesh).
+    With train.lora_rank > 0 these are the merged W + (alpha/r) B·A, so
+    evaluation, iterative labelling and HF export use the adapted model.
+  adapters: the LoRA adapters (train.lora_rank > 0), else None.
   steps: optimizer steps the run has completed in total (incl. before resume).
   start_step: the step this call resumed from (0 = fresh start); losses,
     step_seconds and tokens_per_step cover steps start_step+1 .. steps.
@@ -64,6 +67,7 @@ class TrainResult:
   step_seconds: np.ndarray
   tokens_per_step: np.ndarray
   start_step: int = 0
+  adapters: Any = None
 
   @property
   def mean_step_seconds(self) -> float:
@@ -117,10 +121,12 @@ def make_optimizer(config: TrainConfig, total_steps: int):
   return optax.chain(*parts), schedule
 
 
-def make_train_step(model_config: LlamaConfig, optimizer, token_sets
-                    ) -> Callable:
-  """step(params, opt_state, batch) -> (params, opt_state, metrics).
+def make_train_step(model_config: LlamaConfig, optimizer, token_sets,
+                    lora_scale: Optional[float] = None) -> Callable:
+  """step(state, opt_state, batch) -> (state, opt_state, metrics).
 
+  state: the params, or with `lora_scale` lora.train_state(params, adapters)
+  (only the adapters are differentiated; the optimizer freezes the base).
   batch: dict of [A, M, T] tokens and [A, M] lengths / labels / weights.
   metrics: mean loss and accuracy over real rows, pre-clipping grad norm.
   """
@@ -140,26 +146,43 @@ def make_train_step(model_config: LlamaConfig, optimizer, token_sets
     correct = jnp.sum(jnp.where(real & (target > other), micro["weights"], 0.0))
     return loss_sum, correct
 
-  grad_fn = jax.value_and_grad(micro_batch_loss, has_aux=True)
+  if lora_scale is None:
+    trainable_loss = lambda params, _, micro: micro_batch_loss(params, micro)
+    split = lambda state: (state, None)
+    join = lambda grads, _: grads
+  else:
+    def trainable_loss(adapters, base, micro):
+      merged = lora.merge(base, adapters, lora_scale,
+                          model_config.compute_dtype)
+      return micro_batch_loss(merged, micro)
+    split = lambda state: (state[lora.ADAPTERS], state[lora.BASE])
+    # Zeros for the frozen base: set_to_zero ignores them, so they cost
+    # nothing, and no base-sized gradient is ever accumulated.
+    join = lambda grads, base: lora.train_state(
+        jax.tree.map(jnp.zeros_like, base), grads)
+  grad_fn = jax.value_and_grad(trainable_loss, has_aux=True)
 
-  def step(params, opt_state, batch):
+  def step(state, opt_state, batch):
+    trainable, frozen = split(state)
+
     def accumulate(carry, micro):
       loss_sum, correct, grads = carry
-      (loss, right), g = grad_fn(params, micro)
+      (loss, right), g = grad_fn(trainable, frozen, micro)
       return (loss_sum + loss, correct + right,
               jax.tree.map(jnp.add, grads, g)), None
 
-    zeros = jax.tree.map(jnp.zeros_like, params)
+    zeros = jax.tree.map(jnp.zeros_like, trainable)
     start = (jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32), zeros)
     (loss_sum, correct, grads), _ = jax.lax.scan(accumulate, start, batch)
     rows = jnp.maximum(jnp.sum(batch["weights"]), 1.0)
     grads = jax.tree.map(lambda g: g / rows.astype(g.dtype), grads)
     grad_norm = optax.tree.norm(grads)
-    updates, opt_state = optimizer.update(grads, opt_state, params)
-    params = optax.apply_updates(params, updates)
+    updates, opt_state = optimizer.update(join(grads, frozen), opt_state,
+                                          state)
+    state = optax.apply_updates(state, updates)
     metrics = {"loss": loss_sum / rows, "accuracy": correct / rows,
                "grad_norm": grad_norm}
-    return params, opt_state, metrics
+    return state, opt_state, metrics
 
   return step
 
@@ -180,9 +203,11 @@ BATCH_FIELDS = {"tokens": jnp.int32, "lengths": jnp.int32,
 class ShardedTrainStep:
   """The jitted optimizer step of `train()`, with everything it is placed by.
 
-  fn(params, opt_state, batch) -> (params, opt_state, metrics); params and
-  opt_state are donated. `abstract_*` are ShapeDtypeStructs with shardings,
-  so the step can also be lowered with no arrays at all (icm_jax.aot).
+  fn(state, opt_state, batch) -> (state, opt_state, metrics); state and
+  opt_state are donated. The state is the params, or with LoRA
+  lora.train_state(params, adapters). `abstract_*` are ShapeDtypeStructs with
+  shardings, so the step can also be lowered with no arrays at all
+  (icm_jax.aot); abstract_params is the state's.
   """
 
   fn: Any
@@ -192,6 +217,12 @@ class ShardedTrainStep:
   abstract_params: Any
   abstract_opt_state: Any
   batch_shardings: dict
+  lora_scale: Optional[float] = None
+
+  def trainable(self, state):
+    """What a checkpoint keeps: the params, or with LoRA the adapters only
+    (the frozen base is the caller's and is not rewritten every save)."""
+    return state if self.lora_scale is None else state[lora.ADAPTERS]
 
   def abstract_batch(self, config: TrainConfig, seq_len: int) -> dict:
     """[grad_accum_steps, micro_batch(, seq_len)] batch arrays of one step."""
@@ -216,19 +247,30 @@ def sharded_train_step(model_config: LlamaConfig, param_shapes, config:
                                        remat=config.remat)
   optimizer, schedule = make_optimizer(config, total_steps)
   shapes = _abstract(param_shapes)
-  p_shardings = param_shardings(shapes, mesh)
+  rules, lora_scale = LLAMA_RULES, None
+  if config.lora_rank:
+    optimizer = lora.optimizer(optimizer)
+    adapters = jax.eval_shape(
+        lambda: lora.init_adapters(shapes, config.lora_rank,
+                                   jax.random.key(0)))
+    shapes = lora.train_state(shapes, adapters)
+    rules = tuple(LLAMA_RULES) + lora.adapter_rules()
+    lora_scale = lora.scale_of(config.lora_rank, config.lora_alpha)
+  p_shardings = param_shardings(shapes, mesh, rules)
   opt_shapes = jax.eval_shape(optimizer.init, shapes)
-  o_shardings = param_shardings(opt_shapes, mesh, OPT_STATE_RULES)
+  o_shardings = param_shardings(opt_shapes, mesh,
+                                tuple(rules) + OPT_STATE_RULES)
   batch_shardings = {name: _row_sharding(mesh, 3 if name == "tokens" else 2)
                      for name in BATCH_FIELDS}
   fn = jax.jit(
-      make_train_step(forward_config, optimizer, token_sets),
+      make_train_step(forward_config, optimizer, token_sets, lora_scale),
       in_shardings=(p_shardings, o_shardings, batch_shardings),
       out_shardings=(p_shardings, o_shardings, NamedSharding(mesh, P())),
       donate_argnums=(0, 1))
   return ShardedTrainStep(fn, forward_config, optimizer, schedule,
                           _abstract(shapes, p_shardings),
-                          _abstract(opt_shapes, o_shardings), batch_shardings)
+                          _abstract(opt_shapes, o_shardings), batch_shardings,
+                          lora_scale)
 
 
 def _place_like_input(params, input_params):
@@ -286,13 +328,28 @@ def train(model_config: LlamaConfig, params, examples: ExampleTokens,
   p_shardings = jax.tree.map(lambda x: x.sharding, sharded.abstract_params)
   o_shardings = jax.tree.map(lambda x: x.sharding, sharded.abstract_opt_state)
   batch_shardings = sharded.batch_shardings
+  input_params = params
+  base_shardings = (p_shardings if sharded.lora_scale is None else
+                    p_shardings[lora.BASE])
+
+  def with_base(trainable):
+    """The train state around `trainable` (a copy of the caller's base: the
+    step donates its state, and the caller keeps theirs)."""
+    base = jax.device_put(input_params, base_shardings, may_alias=False)
+    if sharded.lora_scale is None:
+      return base
+    if trainable is None:
+      trainable = jax.jit(
+          lora.init_adapters, static_argnums=1,
+          out_shardings=p_shardings[lora.ADAPTERS])(
+              base, config.lora_rank, jax.random.key(config.seed))
+    return lora.train_state(base, trainable)
 
   checkpoints = None
   if workdir is not None:
     checkpoints = TrainCheckpoints(
         workdir, run_fingerprint(config, model_config, compute_dtype,
                                  examples, labels), config.keep_checkpoints)
-  input_params = params
   losses, seconds, tokens = [], [], []
   start_step = 0
   try:
@@ -302,16 +359,18 @@ def train(model_config: LlamaConfig, params, examples: ExampleTokens,
         if latest > total_steps:
           raise ValueError(f"{workdir}: latest checkpoint is step {latest}, "
                            f"but this run has only {total_steps} steps")
-        params, opt_state = checkpoints.restore(
-            latest, sharded.abstract_params, sharded.abstract_opt_state)
+        trainable, opt_state = checkpoints.restore(
+            latest, sharded.trainable(sharded.abstract_params),
+            sharded.abstract_opt_state)
+        state = (trainable if sharded.lora_scale is None else
+                 with_base(trainable))
         start_step = latest
         logging.info("train: resumed from step %d of %d in %s", latest,
                      total_steps, workdir)
       else:
-        # A copy: the step donates its params, and the caller keeps theirs.
-        params = jax.device_put(params, p_shardings, may_alias=False)
+        state = with_base(None)
         opt_state = jax.jit(sharded.optimizer.init,
-                            out_shardings=o_shardings)(params)
+                            out_shardings=o_shardings)(state)
 
       metrics_log = None
       if workdir is not None and jax.process_index() == 0:
@@ -332,7 +391,7 @@ def train(model_config: LlamaConfig, params, examples: ExampleTokens,
                        value.shape, batch_shardings[name],
                        lambda index, value=value: value[index])
                    for name, value in host.arrays().items()}
-          params, opt_state, metrics = step_fn(params, opt_state, batch)
+          state, opt_state, metrics = step_fn(state, opt_state, batch)
           metrics = jax.device_get(metrics)
           elapsed = time.perf_counter() - began
           done = step + 1
@@ -354,7 +413,7 @@ def train(model_config: LlamaConfig, params, examples: ExampleTokens,
             metrics_log.write(record)
           if checkpoints is not None and _is_checkpoint_step(
               done, total_steps, config.checkpoint_every):
-            checkpoints.save(done, params, opt_state)
+            checkpoints.save(done, sharded.trainable(state), opt_state)
           if done % config.log_every == 0 or done == total_steps:
             logging.info("train step %d/%d: loss %.4f acc %.3f lr %.3g "
                          "grad_norm %.3g %.3fs %d tokens", done, total_steps,
@@ -373,9 +432,18 @@ def train(model_config: LlamaConfig, params, examples: ExampleTokens,
     if checkpoints is not None:
       checkpoints.close()
 
+  adapters = None
+  if sharded.lora_scale is None:
+    params = state
+  else:
+    adapters = state[lora.ADAPTERS]
+    with jax.set_mesh(mesh):
+      params = jax.jit(lora.merge, static_argnums=2,
+                       out_shardings=base_shardings)(
+                           state[lora.BASE], adapters, sharded.lora_scale)
   return TrainResult(params=_place_like_input(params, input_params),
                      steps=total_steps,
                      losses=np.asarray(losses, np.float64),
                      step_seconds=np.asarray(seconds, np.float64),
                      tokens_per_step=np.asarray(tokens, np.int64),
-                     start_step=start_step)
+                     start_step=start_step, adapters=adapters)
