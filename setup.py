@@ -69,6 +69,8 @@ setup(
             # what experiments/build_sentiment_task.py writes.
             "textblob==0.20.1",
             "pytest>=8",
+            # The suite runs on 2 workers (README's test command).
+            "pytest-xdist>=3.5",
             # Independent reader for our TensorBoard event files.
             "tensorboard>=2.16",
             # Executes the Colab notebook headlessly.
