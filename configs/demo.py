@@ -47,5 +47,4 @@ def get_config():
                          "many_shot_random,bootstrap_consistent")
   config.eval.batch_size = 16
   config.train.export_hf = False
-  config.log.progress = False
   return config
