@@ -69,10 +69,6 @@ def exists(path: str) -> bool:
   return as_epath(path).exists()
 
 
-def isdir(path: str) -> bool:
-  return as_epath(path).is_dir()
-
-
 def makedirs(path: str) -> None:
   as_epath(path).mkdir(parents=True, exist_ok=True)
 
@@ -107,12 +103,6 @@ def write_bytes(path: str, data: bytes) -> None:
     if os.path.exists(tmp):
       os.unlink(tmp)
     raise
-
-
-def remove(path: str) -> None:
-  p = as_epath(path)
-  if p.exists():
-    p.unlink()
 
 
 def find(base: str, name: str) -> List[str]:
@@ -193,13 +183,12 @@ class LineLog:
   def __init__(self, path: str, initial_lines: Optional[List[str]] = None,
                upload_every_s: float = 30.0):
     self.path = path
-    self._remote = is_url(path)
     self._lines = list(initial_lines or [])
     self._upload_every_s = upload_every_s
     write_text(path, "".join(self._lines))
     self._last_upload = time.monotonic()
     self._file: Optional[io.TextIOBase] = (
-        None if self._remote else open(path, "a", encoding="utf-8"))
+        None if is_url(path) else open(path, "a", encoding="utf-8"))
 
   def write(self, line: str) -> None:
     if self._file is not None:
@@ -220,7 +209,5 @@ class LineLog:
   def close(self) -> None:
     if self._file is not None:
       self._file.close()
-      self._file = None
-    elif self._remote:
+    else:
       self.flush()
-      self._remote = False  # closed: nothing more to upload

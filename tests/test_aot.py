@@ -14,7 +14,6 @@ waived by icm_jax.aot because nothing here touches a chip.
 """
 
 import dataclasses
-import importlib.util
 import os
 import re
 import subprocess
@@ -26,6 +25,7 @@ import pytest
 
 pytest.importorskip("libtpu", reason="needs libtpu: pip install -e '.[tpu]'")
 
+from conftest import shipped_config  # noqa: E402
 from icm_jax import aot, sharding  # noqa: E402
 from icm_jax.aot.compile import _parse_oom, _per_chip_bytes  # noqa: E402
 from icm_jax.model import LlamaConfig, init_params  # noqa: E402
@@ -414,11 +414,7 @@ def test_measured_workload_of_a_task_given_by_flags(smollm2_tokenizer):
   """configs/custom.py's task section (no built-in name) plans as it runs."""
   from icm_jax.tasks import load_examples, task_from_config
   from icm_jax.tokenization import tokenize_examples
-  spec = importlib.util.spec_from_file_location(
-      "custom", os.path.join(ROOT, "configs", "custom.py"))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  config = module.get_config()
+  config = shipped_config("custom")
   task = config.task.to_dict()
   wl = aot.measured_workload(task, config.data.train, smollm2_tokenizer, 8,
                              split_from_test=False)

@@ -8,7 +8,7 @@ import sys
 import numpy as np
 import pytest
 
-from conftest import smollm2_gguf_path
+from conftest import shipped_config, smollm2_gguf_path
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 METHODS = ("zero_shot", "many_shot_gold", "many_shot_icm", "many_shot_random",
@@ -170,13 +170,8 @@ def test_missing_model_path_is_a_clear_error(tmp_path):
 
 
 def test_paper_configs_carry_the_paper_hyperparameters():
-  import importlib.util
   for name in ("truthfulqa", "gsm8k", "alpaca"):
-    spec = importlib.util.spec_from_file_location(
-        name, os.path.join(REPO, "configs", f"{name}.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    c = module.get_config()
+    c = shipped_config(name)
     assert c.task.name == name
     s = c.search
     assert (s.alpha, s.initial_size, s.initial_temperature,
@@ -187,13 +182,8 @@ def test_paper_configs_carry_the_paper_hyperparameters():
 
 def test_iterative_labelling_fine_tunes_between_batches(tmp_path):
   """Batch 2 is scored by M1 = M0 fine-tuned on batch 1's ICM labels."""
-  import importlib.util
   from icm_jax.pipeline import run
-  spec = importlib.util.spec_from_file_location(
-      "tiny", os.path.join(REPO, "configs", "tiny.py"))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  config = module.get_config()
+  config = shipped_config("tiny")
   config.label.iterative = True
   config.stages = "label"
   # In-process: the 8 fake CPU devices, params FSDP-sharded over all 8.

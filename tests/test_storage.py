@@ -2,17 +2,15 @@
 store standing in for GCS: no rename, no append) holds everything a local
 one would, and nothing lands in a local folder called "gs:"."""
 
-import importlib.util
 import json
 import os
 
 import pytest
 
-from conftest import smollm2_gguf_path
+from conftest import shipped_config, smollm2_gguf_path
 from icm_jax import storage
 from icm_jax.metrics_log import MetricsLog
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.fixture
@@ -87,11 +85,7 @@ def test_a_gs_workdir_holds_every_output(fake_gcs):
   """Label and eval stages on gs://, then an eval-only rerun that reads the
   labels back from there (orbax's own gs:// support is not faked here)."""
   from icm_jax.pipeline import run
-  spec = importlib.util.spec_from_file_location(
-      "tiny", os.path.join(REPO, "configs", "tiny.py"))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  config = module.get_config()
+  config = shipped_config("tiny")
   config.stages = "label,eval"
   config.eval.methods = "zero_shot,many_shot_icm"
   config.search.max_iterations = 4
