@@ -312,6 +312,15 @@ def kv_cache_spec(config: LlamaConfig, mesh: Mesh) -> KVCache:
   return KVCache(spec, spec)
 
 
+def kv_pool_sharding(config: LlamaConfig, mesh: Mesh) -> KVCache:
+  """Tree mode's key/value pool [L, tokens, kv_heads, head_dim]: kv heads
+  over 'tensor' (as kv_cache_spec), tokens replicated over the batch axes
+  (every segment gathers its prefix from any part of the pool)."""
+  spec = kv_cache_spec(config, mesh).k
+  pool = NamedSharding(mesh, P(None, None, spec[3], None))
+  return KVCache(pool, pool)
+
+
 def kv_cache_sharding(config: LlamaConfig, mesh: Mesh) -> KVCache:
   spec = kv_cache_spec(config, mesh)
   return KVCache(NamedSharding(mesh, spec.k), NamedSharding(mesh, spec.v))

@@ -22,23 +22,29 @@ import jax.numpy as jnp
 import numpy as np
 
 from icm_jax.model import LlamaConfig
-from icm_jax.scoring import exact, layout, parallel, shared_context
+from icm_jax.scoring import (exact, layout, parallel, shared_context, tree,
+                             tree_layout)
 from icm_jax.scoring.common import example_arrays
 from icm_jax.tokenization import ExampleTokens
 
-MODES = ("exact", "parallel", "shared")
+MODES = ("exact", "tree", "parallel", "shared")
 # Which examples leave a query's context: the query itself (the paper's
 # mutual predictability), its whole consistency group (its swapped twin
 # would otherwise hand it the answer, or the opposite label to copy), or its
 # whole fold of `blocks` folds of groups (leave-one-block-out: B passes
 # instead of N).
+# Tree mode: the smallest segment width bucket (deep levels and query rows
+# are a few demonstrations long; min_seq_len would pad them several-fold).
+TREE_MIN_WIDTH = 8
 CONTEXTS = ("leave_one_out", "leave_group_out", "leave_block_out")
 
 
 @dataclasses.dataclass(frozen=True)
 class ScoringConfig:
-  """mode: "exact" (the paper's LOO prompts), "shared" (one causal pass over
-  all demonstrations, each query masking its own out) or "parallel" (every
+  """mode: "exact" (the paper's LOO prompts), "tree" (the same
+  demonstrations per prompt in a prefix-sharing order, about log2(N) passes
+  over them: tree_layout.py), "shared" (one causal pass over all
+  demonstrations, each query masking its own out) or "parallel" (every
   demonstration encoded alone).
 
   rows_per_chunk: LOO rows per micro-batch inside the jitted call (memory
@@ -131,7 +137,7 @@ class LOOScorer:
     self.trace_count = 0  # jitted-kernel traces (== compilations), for tests
     self.last_shape = None  # bucketed shape of the latest call
     context = model_config.max_position_embeddings
-    if config.mode == "exact":
+    if config.mode in ("exact", "tree"):
       longest = self._header_len + self._demo_len + self._prompt_len
       worst = int(np.argmax(longest))
       if longest[worst] > context:
@@ -143,6 +149,10 @@ class LOOScorer:
                              static_argnames=("seq_len",))
       self._shared_kernel = jax.jit(self._exact_shared_kernel,
                                     static_argnames=("full_len", "packed_len"))
+    if config.mode == "tree":
+      self._init_tree(groups)
+    if config.mode in ("exact", "tree"):
+      pass
     elif config.mode == "shared":
       self._kernel = jax.jit(self._shared_context_kernel,
                              static_argnames=("full_len",))
@@ -163,6 +173,30 @@ class LOOScorer:
           end_position=self._end_position, rows_per_chunk=self._chunk,
           batch_sharding_fn=self._batch_sharding_fn))(params, self._data)
       self._kernel = jax.jit(self._parallel_kernel)
+
+  def _init_tree(self, groups):
+    n = self.num_examples
+    self._tree_unit = (np.arange(n) if self._unit is None
+                       else np.asarray(self._unit))
+    if self.config.context == "leave_one_out" and groups is not None:
+      # The consistency group is the tree's leaf, so it is never split.
+      self._tree_block = context_units(
+          dataclasses.replace(self.config, context="leave_group_out"), n,
+          groups)
+    else:
+      self._tree_block = self._tree_unit
+    ex = self.examples
+    self._tree_table = tree_layout.token_table(ex.header, ex.prompts,
+                                               ex.label_token, ex.separator)
+    self._pool_sharding = None
+    if self.mesh is not None:
+      from icm_jax import sharding
+      self._pool_sharding = sharding.kv_pool_sharding(self.model_config,
+                                                      self.mesh)
+    statics = ("prefix_len", "rows", "write")
+    self._tree_write = jax.jit(self._tree_kernel, static_argnames=statics,
+                               donate_argnums=(1,))
+    self._tree_read = jax.jit(self._tree_kernel, static_argnames=statics)
 
   def _check_vocab(self):
     vocab = self.model_config.vocab_size
@@ -212,6 +246,15 @@ class LOOScorer:
         end_position=self._end_position, rows_per_chunk=self._chunk,
         groups=self._groups, batch_sharding_fn=self._batch_sharding_fn)
 
+  def _tree_kernel(self, params, pool, tokens, start_pos, length, ranges,
+                   write_at, *, prefix_len, rows, write):
+    self.trace_count += 1
+    return tree.tree_pass(
+        params, pool, tokens, start_pos, length, ranges, write_at,
+        model_config=self.model_config, token_sets=self._token_sets,
+        prefix_len=prefix_len, rows=rows, query_chunk=self.config.query_chunk,
+        write=write, batch_sharding_fn=self._batch_sharding_fn)
+
   # -- host API ---------------------------------------------------------------
 
   def score(self, labels, queries: Optional[np.ndarray] = None) -> Scores:
@@ -228,7 +271,8 @@ class LOOScorer:
     # Shared mode masks a query's unit inside the kernel; the others score
     # assignments with the unit unlabelled.
     score = (self._score_leave_unit_out
-             if self._unit is not None and self.config.mode != "shared"
+             if self._unit is not None
+             and self.config.mode not in ("shared", "tree")
              else self._score_leave_one_out)
     lp_false, lp_true = score(labels, queries)
     if single:
@@ -277,6 +321,8 @@ class LOOScorer:
       return self._score_rows_shared(labels, cand_idx, query_idx)
     if self.config.mode == "shared":
       return self._score_rows_shared_context(labels, cand_idx, query_idx)
+    if self.config.mode == "tree":
+      return self._score_rows_tree(labels, cand_idx, query_idx)
     num_rows = len(query_idx)
     rows = layout.row_layout(labels.shape[0], cand_idx, query_idx,
                              min_rows=self.config.min_rows, chunk=self._chunk)
@@ -336,6 +382,33 @@ class LOOScorer:
     out_f[plan.slot_row[used]] = np.asarray(lf)[used]
     out_t[plan.slot_row[used]] = np.asarray(lt)[used]
     return out_f, out_t
+
+  def _score_rows_tree(self, labels, cand_idx, query_idx):
+    self._exact_row_lengths(labels, cand_idx, query_idx)  # context check
+    plan = tree_layout.tree_plan(
+        self._lengths, labels, self._tree_unit, self._tree_block, cand_idx,
+        query_idx, min_seq_len=self.config.min_seq_len,
+        min_width=TREE_MIN_WIDTH, rows=self._chunk, divisor=self._groups)
+    self.last_shape = (plan.pool_tokens,) + tuple(p.shape for p in plan.passes)
+    self.last_plan = plan
+    pool = self._call(tree.new_pool, self.model_config, plan.pool_tokens,
+                      self._pool_sharding)
+    for p in plan.passes[:-1]:
+      pool = self._call(self._tree_write, self.params, pool,
+                        *self._tree_arrays(p), prefix_len=p.prefix_len,
+                        rows=p.rows, write=True)
+    leaf = plan.leaf
+    lf, lt = self._call(self._tree_read, self.params, pool,
+                        *self._tree_arrays(leaf), prefix_len=leaf.prefix_len,
+                        rows=leaf.rows, write=False)
+    n = plan.num_rows
+    return np.asarray(lf)[:n], np.asarray(lt)[:n]
+
+  def _tree_arrays(self, p: tree_layout.TreePass):
+    tokens = np.where(p.token_src >= 0,
+                      self._tree_table[np.maximum(p.token_src, 0)], 0)
+    return tuple(jnp.asarray(a, jnp.int32) for a in (
+        tokens, p.start_pos, p.length, p.ranges, p.write_at))
 
   def _call(self, fn, *args, **kwargs):
     if self.mesh is None:
