@@ -3,6 +3,19 @@ r"""Fast LOO modes against exact LOO: agreement of s_i and seconds per U(D).
   python experiments/bench_loo_modes.py [--agree_sizes=16,32,64]
       [--time_sizes=16,32,64,128] [--out=experiments/bench_loo_modes.jsonl]
   python experiments/bench_loo_modes.py --tables_from=FILE.jsonl  # tables only
+  python experiments/bench_loo_modes.py --floor_sizes=16 --agree_sizes= \
+      --time_sizes= --out=experiments/bench_tree_floor.jsonl   # issue 22
+
+Floor (`--floor_sizes`, `--contexts`, `--floor_tasks`): for tree and
+shared mode, in each scoring context, per-claim agreement with exact mode
+beside the order-noise floor measured in the same run: exact mode on the
+same claims with the consistency groups in `--floor_shuffles` seeded
+shuffled orders (groups kept together), against exact mode in example order.
+Tasks: sentiment, truthfulqa and gsm8k (keyed: groups of 4 answers to one
+question; ../shared/data/icm/test_gsm8k.json). With `--rank_labellings=K`
+(sentiment, consistent pairs), also the ranking of P(D) over gold, its
+inverse and K random consistent labellings (what the search decides on):
+Spearman of each mode's P(D) with exact's, beside the shuffled exact's.
 
 SmolLM2-135M-Instruct (GGUF, float32) on this machine, two tasks:
 TruthfulQA (the paper's ICM file, ../shared/data/icm/test_truthfulqa.json,
@@ -58,6 +71,18 @@ flags.DEFINE_integer("exact_repeat_max", 32,
 flags.DEFINE_string("truthfulqa", os.path.join(
     HERE, "..", "..", "shared", "data", "icm", "test_truthfulqa.json"),
                     "TruthfulQA ICM file")
+flags.DEFINE_list("floor_sizes", [], "N for the agreement-vs-floor rows")
+flags.DEFINE_list("floor_tasks", ["sentiment", "truthfulqa", "gsm8k"],
+                  "tasks of the floor rows")
+flags.DEFINE_list("floor_modes", ["tree", "shared"], "modes judged on the floor")
+flags.DEFINE_list("contexts", ["leave_one_out", "leave_group_out"],
+                  "scoring contexts of the floor rows")
+flags.DEFINE_integer("floor_shuffles", 2, "shuffled exact orders per cell")
+flags.DEFINE_integer("rank_labellings", 0,
+                     "random consistent labellings ranked (sentiment)")
+flags.DEFINE_string("gsm8k", os.path.join(
+    HERE, "..", "..", "shared", "data", "icm", "test_gsm8k.json"),
+                    "GSM8K ICM file")
 flags.DEFINE_string("out", "", "append one JSON line per result here")
 flags.DEFINE_string("tables_from", "", "only print the tables of this JSONL")
 
@@ -86,8 +111,8 @@ def content_free_prompt(task) -> str:
 
 def load_task(name):
   task = get_task(name)
-  path = (FLAGS.truthfulqa if name == "truthfulqa"
-          else bundled_path("sentiment", "train"))
+  path = {"truthfulqa": FLAGS.truthfulqa,
+          "gsm8k": FLAGS.gsm8k}.get(name) or bundled_path("sentiment", "train")
   return task, load_examples(task, path)
 
 
@@ -158,6 +183,111 @@ def agreement(model, tokenizer_words, task_name, n):
                 max_abs_diff=float(np.abs(v - ref).max()),
                 mean_abs_diff=float(np.abs(v - ref).mean()),
                 exact_s_mean=float(ref.mean()), mode_s_mean=float(v.mean())))
+
+
+def group_shuffle(groups, seed):
+  """A seeded order of the examples with whole groups shuffled."""
+  names = list(dict.fromkeys(groups))
+  np.random.default_rng(seed).shuffle(names)
+  return np.array([i for g in names for i in range(len(groups))
+                   if groups[i] == g])
+
+
+def per_claim(v, ref):
+  return dict(sign_agreement=float(np.mean(np.sign(v) == np.sign(ref))),
+              spearman=spearman(v, ref),
+              max_abs_diff=float(np.abs(v - ref).max()))
+
+
+def floor_cell(model, tokenizer_words, task_name, n, context):
+  """Tree/shared vs exact, beside exact (shuffled groups) vs exact."""
+  config, params, tokenizer = model
+  _, examples = load_task(task_name)
+  examples = examples[:n]
+  groups = [e.group for e in examples]
+  gold = np.array([e.gold for e in examples], np.int32)
+  rng = np.random.default_rng(n)
+  labellings = {"gold": gold,
+                "random": rng.integers(0, 2, n).astype(np.int32),
+                "one_label": np.ones(n, np.int32)}
+  if FLAGS.rank_labellings and task_name == "sentiment":
+    first_of = {}
+    for i, g in enumerate(groups):  # pairs: one claim of each group True
+      first_of.setdefault(g, i)
+    firsts = np.array([first_of[g] == i for i, g in enumerate(groups)])
+    labellings["inverse"] = 1 - gold
+    for k in range(FLAGS.rank_labellings):
+      flip = np.random.default_rng(1000 + k).integers(0, 2, len(first_of))
+      per_group = dict(zip(first_of, flip))
+      labellings[f"consistent_{k}"] = np.array(
+          [per_group[g] if f else 1 - per_group[g]
+           for g, f in zip(groups, firsts)], np.int32)
+  names = list(labellings)
+  labels = np.stack([labellings[k] for k in names])
+
+  def scores(mode, order=None):
+    order = np.arange(n) if order is None else order
+    sub = [examples[i] for i in order]
+    tokens = tokenize_examples(tokenizer, [e.prompt for e in sub],
+                               ids=[e.id for e in sub], words=tokenizer_words)
+    t0 = time.perf_counter()
+    sc = LOOScorer(config, params, tokens,
+                   ScoringConfig(mode, context=context),
+                   groups=[e.group for e in sub]).score(labels[:, order])
+    back = np.empty(n, np.int64)
+    back[order] = np.arange(n)
+    print(f"  {task_name} N={n} {context} {mode}: "
+          f"{time.perf_counter() - t0:.1f}s", flush=True)
+    return sc.log_p_false[:, back], sc.log_p_true[:, back]
+
+  from icm_jax.search.objective import mutual_predictability
+  def p_of(lf, lt):
+    return mutual_predictability("mean_log_odds", labels, lf, lt)
+
+  ref_f, ref_t = scores("exact")
+  ref, ref_p = ref_t - ref_f, p_of(ref_f, ref_t)
+  results = {}
+  for k in range(FLAGS.floor_shuffles):
+    lf, lt = scores("exact", group_shuffle(groups, k))
+    results[f"exact_shuffled_{k}"] = (lt - lf, p_of(lf, lt))
+  for mode in FLAGS.floor_modes:
+    lf, lt = scores(mode)
+    results[mode] = (lt - lf, p_of(lf, lt))
+  per_claim_names = ["gold", "random", "one_label"]
+  for name, (s, p) in results.items():
+    for a in per_claim_names:
+      k = names.index(a)
+      emit(dict(kind="floor", task=task_name, n=n, context=context,
+                assignment=a, mode=name, **per_claim(s[k], ref[k])))
+    if len(names) > 3:
+      emit(dict(kind="ranking", task=task_name, n=n, context=context,
+                mode=name, labellings=len(names),
+                spearman_P=spearman(p, ref_p),
+                gold_rank=int((p > p[0]).sum()) + 1,
+                exact_gold_rank=int((ref_p > ref_p[0]).sum()) + 1))
+
+
+def floor_table(rows) -> str:
+  """Markdown: per cell, each mode's 'sign / Spearman' beside the floor's
+  mean (min..max over the shuffles)."""
+  cells = sorted({(r["task"], r["n"], r["context"], r["assignment"])
+                  for r in rows})
+  modes = sorted({r["mode"] for r in rows if not r["mode"].startswith("exact")})
+  lines = ["| task | N | context | labels | floor sign | floor Spearman | " +
+           " | ".join(f"{m} sign / Spearman" for m in modes) + " |",
+           "|---|---:|---|---|---:|---:|" + "---:|" * len(modes)]
+  for cell in cells:
+    here = [r for r in rows if (r["task"], r["n"], r["context"],
+                                r["assignment"]) == cell]
+    fl = [r for r in here if r["mode"].startswith("exact_shuffled")]
+    fmt = lambda key: (f"{np.mean([r[key] for r in fl]):.2f} "
+                       f"({min(r[key] for r in fl):.2f}..{max(r[key] for r in fl):.2f})")
+    by = {r["mode"]: r for r in here}
+    lines.append(f"| {cell[0]} | {cell[1]} | {cell[2]} | {cell[3]} | "
+                 f"{fmt('sign_agreement')} | {fmt('spearman')} | " + " | ".join(
+                     f"{by[m]['sign_agreement']:.2f} / {by[m]['spearman']:.2f}"
+                     if m in by else "-" for m in modes) + " |")
+  return "\n".join(lines)
 
 
 def timing(model, tokenizer_words, n):
@@ -255,12 +385,25 @@ def main(argv):
     for n in map(int, FLAGS.agree_sizes):
       for task_name in FLAGS.tasks:
         agreement(model, words, task_name, n)
+    for n in map(int, FLAGS.floor_sizes):
+      for task_name in FLAGS.floor_tasks:
+        for context in FLAGS.contexts:
+          floor_cell(model, words, task_name, n, context)
     for n in map(int, FLAGS.time_sizes):
       timing(model, words, n)
   agree = [r for r in _ROWS if r["kind"] == "agreement"]
   if agree:
     print("\nsign agreement / Spearman of s_i with exact mode\n" +
           agreement_table(agree))
+  floor = [r for r in _ROWS if r["kind"] == "floor"]
+  if floor:
+    print("\nper claim, agreement of s_i with exact mode: the order-noise "
+          "floor (exact, groups shuffled) and each mode\n" + floor_table(floor))
+  for r in (r for r in _ROWS if r["kind"] == "ranking"):
+    print(f"ranking {r['task']} N={r['n']} {r['context']} {r['mode']}: "
+          f"Spearman of P(D) with exact {r['spearman_P']:.2f} over "
+          f"{r['labellings']} labellings, gold rank {r['gold_rank']} "
+          f"(exact {r['exact_gold_rank']})")
   timed = [r for r in _ROWS if r["kind"] == "timing"]
   if timed:
     print("\n" + timing_table(timed))

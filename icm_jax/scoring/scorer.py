@@ -24,6 +24,7 @@ import numpy as np
 from icm_jax.model import LlamaConfig
 from icm_jax.scoring import (exact, layout, parallel, shared_context, tree,
                              tree_layout)
+from icm_jax.scoring.buckets import bucket
 from icm_jax.scoring.common import example_arrays
 from icm_jax.tokenization import ExampleTokens
 
@@ -36,6 +37,10 @@ MODES = ("exact", "tree", "parallel", "shared")
 # Tree mode: the smallest segment width bucket (deep levels and query rows
 # are a few demonstrations long; min_seq_len would pad them several-fold).
 TREE_MIN_WIDTH = 8
+# Tree mode: a call scoring at most this many rows (the search's prediction
+# step scores one) runs each prompt, in tree order, as one plain sequence:
+# one compiled shape per length bucket instead of one per tree pass.
+TREE_ROWS_PATH_MAX = 2
 CONTEXTS = ("leave_one_out", "leave_group_out", "leave_block_out")
 
 
@@ -197,6 +202,7 @@ class LOOScorer:
     self._tree_write = jax.jit(self._tree_kernel, static_argnames=statics,
                                donate_argnums=(1,))
     self._tree_read = jax.jit(self._tree_kernel, static_argnames=statics)
+    self._tree_rows = jax.jit(self._tree_rows_kernel)
 
   def _check_vocab(self):
     vocab = self.model_config.vocab_size
@@ -254,6 +260,13 @@ class LOOScorer:
         model_config=self.model_config, token_sets=self._token_sets,
         prefix_len=prefix_len, rows=rows, query_chunk=self.config.query_chunk,
         write=write, batch_sharding_fn=self._batch_sharding_fn)
+
+  def _tree_rows_kernel(self, params, tokens, lengths):
+    self.trace_count += 1
+    return tree.row_scores(
+        params, tokens, lengths, model_config=self.model_config,
+        token_sets=self._token_sets, query_chunk=self.config.query_chunk,
+        batch_sharding_fn=self._batch_sharding_fn)
 
   # -- host API ---------------------------------------------------------------
 
@@ -385,6 +398,8 @@ class LOOScorer:
 
   def _score_rows_tree(self, labels, cand_idx, query_idx):
     self._exact_row_lengths(labels, cand_idx, query_idx)  # context check
+    if len(query_idx) <= TREE_ROWS_PATH_MAX:
+      return self._score_tree_prompts(labels, cand_idx, query_idx)
     plan = tree_layout.tree_plan(
         self._lengths, labels, self._tree_unit, self._tree_block, cand_idx,
         query_idx, min_seq_len=self.config.min_seq_len,
@@ -402,6 +417,26 @@ class LOOScorer:
                         *self._tree_arrays(leaf), prefix_len=leaf.prefix_len,
                         rows=leaf.rows, write=False)
     n = plan.num_rows
+    return np.asarray(lf)[:n], np.asarray(lt)[:n]
+
+  def _score_tree_prompts(self, labels, cand_idx, query_idx):
+    """A few rows: each prompt, in tree order, as one plain sequence."""
+    prompts = tree_layout.tree_prompts(self._lengths, labels, self._tree_unit,
+                                       self._tree_block, cand_idx, query_idx)
+    lengths = np.array([len(p) for p in prompts])
+    seq_len = layout.exact_seq_len(
+        lengths, min_seq_len=self.config.min_seq_len,
+        context=self.model_config.max_position_embeddings)
+    rows = bucket(len(prompts), 1, self._groups)
+    tokens = np.zeros((rows, seq_len), np.int32)
+    for k, p in enumerate(prompts):
+      tokens[k, :len(p)] = self._tree_table[p]
+    padded = np.ones(rows, np.int32)
+    padded[:len(prompts)] = lengths
+    self.last_shape = (rows, seq_len)
+    lf, lt = self._call(self._tree_rows, self.params, jnp.asarray(tokens),
+                        jnp.asarray(padded))
+    n = len(prompts)
     return np.asarray(lf)[:n], np.asarray(lt)[:n]
 
   def _tree_arrays(self, p: tree_layout.TreePass):

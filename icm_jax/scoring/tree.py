@@ -97,3 +97,22 @@ def tree_pass(params, pool: KVCache, tokens, start_pos, length, ranges,
 
   pool, _ = jax.lax.scan(step, pool, args + (split(write_at),))
   return pool
+
+
+def row_scores(params, tokens, lengths, *, model_config, token_sets,
+               query_chunk: int, batch_sharding_fn=None):
+  """(log P(False), log P(True)) [R] of plain right-padded prompts [R, T]
+  read at each row's last token (tree mode's rows path)."""
+  tokens = constrain_batch(tokens, batch_sharding_fn)
+  num, length = tokens.shape
+  keys = jnp.arange(length)
+
+  def key_mask(q):  # real keys only; causality is the model's
+    return jnp.broadcast_to(keys[None, None, :] < lengths[:, None, None],
+                            (num, q.shape[0], length))
+
+  logits = chunked_forward(
+      params, tokens, jnp.broadcast_to(keys, (num, length)), key_mask,
+      model_config=model_config, chunk=query_chunk,
+      logit_positions=jnp.maximum(lengths - 1, 0)[:, None])
+  return label_log_probs(logits[:, 0], token_sets)

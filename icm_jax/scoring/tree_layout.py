@@ -142,30 +142,122 @@ class _Segments:
     self.ranges.append(ranges)
     self.write_at.append(write_at)
 
-  def build(self, *, min_len: int, rows: int, divisor: int) -> TreePass:
+  def build(self, *, min_len: int, rows: int, divisor: int, num_ranges: int,
+            prefix_len: int) -> TreePass:
     num = len(self.src)
     seg_len = np.array([len(s) for s in self.src], np.int64)
     width = bucket(int(seg_len.max()) if num else 1, min_len)
     s = bucket(max(num, 1), 1, divisor)
     rows = min(rows, s)
     s = -(-s // rows) * rows
-    num_ranges = max([len(r) for r in self.ranges] + [1])
     token_src = np.full((s, width), -1, np.int32)
     length = np.zeros(s, np.int32)
     start_pos = np.zeros(s, np.int32)
     ranges = np.zeros((s, num_ranges, 2), np.int32)
     write_at = np.full(s, -1, np.int32)
-    prefix = np.zeros(s, np.int64)
     for k in range(num):
       token_src[k, :seg_len[k]] = self.src[k]
       length[k] = seg_len[k]
       start_pos[k] = self.start_pos[k]
       r = np.asarray(self.ranges[k], np.int64).reshape(-1, 2)
       ranges[k, :len(r)] = r
-      prefix[k] = r[:, 1].sum()
       write_at[k] = self.write_at[k]
     return TreePass(token_src, length, start_pos, ranges, write_at,
-                    prefix_len=bucket(max(int(prefix.max()), 1)), rows=rows)
+                    prefix_len=prefix_len, rows=rows)
+
+
+def _forest(lengths: ExampleLengths, labels: np.ndarray, block: np.ndarray,
+            cand_idx: np.ndarray, query_idx: np.ndarray):
+  """Per assignment its tree; the level segments and each leaf's path.
+
+  Returns (trees, level_segments, leaves, depth): trees[c] holds the active
+  blocks (ranks, in order), their labelled members, demo offsets and token
+  sources; level_segments[l - 1] lists (c, lo, hi, path, l): blocks lo..hi
+  encoded at level l after `path`; leaves[(c, pos)] is the path of block
+  position pos. A path is the prefix pieces ((level, lo, hi), ...) root down.
+  """
+  num_cand, num = labels.shape
+  demo_offset, _, _ = token_table_offsets(lengths)
+  demo_len = lengths.demo
+  # Blocks in order of their first example.
+  _, first = np.unique(block, return_index=True)
+  order = np.argsort(first, kind="stable")
+  rank_of = {int(block[first[o]]): r for r, o in enumerate(order)}
+  block_rank = np.array([rank_of[int(b)] for b in block], np.int64)
+
+  queried = np.zeros(labels.shape, bool)
+  queried[cand_idx, query_idx] = True
+  trees = []
+  for c in range(num_cand):
+    labelled = labels[c] >= 0
+    active = np.unique(block_rank[labelled | queried[c]])  # sorted ranks
+    members = [np.nonzero((block_rank == b) & labelled)[0] for b in active]
+    blen = np.array([demo_len[m].sum() for m in members], np.int64)
+    # Token sources of each labelled example's demonstration.
+    src = {int(j): demo_offset[j, labels[c, j]] + np.arange(demo_len[j])
+           for m in members for j in m}
+    trees.append(dict(
+        active=active, members=members,
+        bstart=np.concatenate([[0], np.cumsum(blen)]).astype(np.int64),
+        src=src, rank=block_rank,
+        has_query=np.array([queried[c][block_rank == b].any()
+                            for b in active], bool)))
+
+  depth, level_segments, leaves = 0, [], {}
+  frontier = [(c, 0, len(t["active"]), ()) for c, t in enumerate(trees)]
+  while frontier:
+    segs, nxt = [], []
+    level = depth + 1
+    for c, lo, hi, path in frontier:
+      if hi - lo <= 1:
+        if hi > lo:
+          leaves[(c, lo)] = path
+        continue
+      mid = _split(lo, hi)
+      for (a_lo, a_hi), (b_lo, b_hi) in (((lo, mid), (mid, hi)),
+                                         ((mid, hi), (lo, mid))):
+        # Node a continues with its sibling b, encoded at this level; b is
+        # encoded only if a holds a query.
+        nxt.append((c, a_lo, a_hi, path + ((level, b_lo, b_hi),)))
+        if trees[c]["has_query"][a_lo:a_hi].any():
+          segs.append((c, b_lo, b_hi, path, level))
+    if nxt:
+      depth = level
+      level_segments.append(segs)
+    frontier = nxt
+  return trees, level_segments, leaves, depth
+
+
+def _demo_sources(tree, lo: int, hi: int) -> list:
+  return [tree["src"][int(j)] for m in tree["members"][lo:hi] for j in m]
+
+
+def _query_tail(tree, leaves, c, i, unit, prompt_offset, prompt_len):
+  """(path, sources of i's own block-mates outside its unit + prompt_i)."""
+  pos = int(np.searchsorted(tree["active"], tree["rank"][i]))
+  mates = [tree["src"][int(j)] for j in tree["members"][pos]
+           if unit[j] != unit[i]]
+  return leaves.get((c, pos), ()), mates + [
+      prompt_offset[i] + np.arange(prompt_len[i])]
+
+
+def tree_prompts(lengths: ExampleLengths, labels: np.ndarray,
+                 unit: np.ndarray, block: np.ndarray, cand_idx: np.ndarray,
+                 query_idx: np.ndarray) -> list:
+  """Each scored row's whole prompt as token-table indices, in tree order
+  (the rows path: a call with a few rows runs them as plain sequences)."""
+  _, prompt_offset, _ = token_table_offsets(lengths)
+  trees, _, leaves, _ = _forest(lengths, labels, block, cand_idx, query_idx)
+  out = []
+  for c, i in zip(cand_idx.tolist(), query_idx.tolist()):
+    t = trees[c]
+    path, tail = _query_tail(t, leaves, c, i, unit, prompt_offset,
+                             lengths.prompt)
+    pieces = [np.arange(lengths.header)]
+    for _, lo, hi in path:
+      pieces += _demo_sources(t, lo, hi)
+    out.append(np.concatenate(pieces + tail).astype(np.int64))
+  return out
 
 
 def tree_plan(lengths: ExampleLengths, labels: np.ndarray, unit: np.ndarray,
@@ -179,69 +271,29 @@ def tree_plan(lengths: ExampleLengths, labels: np.ndarray, unit: np.ndarray,
   min_seq_len: smallest pool region bucket; min_width: smallest segment
   width bucket. rows: segments per micro-batch (a multiple of `divisor`, the
   mesh's batch divisor).
+
+  Static shapes: the region (bucket of the longest D), the depth bucket, the
+  prefix length (header + region) and the range count (header + one per
+  level) are one per call, so a pass's shape varies only in its segment
+  count and width buckets.
   """
-  num_cand, num = labels.shape
-  demo_offset, prompt_offset, _ = token_table_offsets(lengths)
-  demo_len = lengths.demo
+  num_cand = labels.shape[0]
+  _, prompt_offset, _ = token_table_offsets(lengths)
   header = lengths.header
-  # Blocks in order of their first example.
-  _, first = np.unique(block, return_index=True)
-  block_rank = np.empty(num, np.int64)
-  order = np.argsort(first, kind="stable")
-  rank_of = {int(block[first[o]]): r for r, o in enumerate(order)}
-  block_rank[:] = [rank_of[int(b)] for b in block]
-
-  queried = np.zeros(labels.shape, bool)
-  queried[cand_idx, query_idx] = True
-  trees = []
-  for c in range(num_cand):
-    labelled = labels[c] >= 0
-    active = np.unique(block_rank[labelled | queried[c]])  # sorted ranks
-    members = [np.nonzero((block_rank == b) & labelled)[0] for b in active]
-    blen = np.array([demo_len[m].sum() for m in members], np.int64)
-    bstart = np.concatenate([[0], np.cumsum(blen)])      # demo offsets
-    total = int(bstart[-1])
-    # Token sources of each labelled example's demonstration.
-    src = {int(j): demo_offset[j, labels[c, j]] + np.arange(demo_len[j])
-           for m in members for j in m}
-    has_query = np.array([queried[c][block_rank == b].any() for b in active])
-    trees.append(dict(active=active, members=members, bstart=bstart,
-                      total=total, src=src, has_query=has_query))
-  region = bucket(max([t["total"] for t in trees] + [1]), min_seq_len)
-
-  # Level passes: breadth-first over nodes (lo, hi, path), path = the
-  # prefix pieces [(level, lo, hi)] of the node's siblings, root down.
-  depth = 0
-  level_segments = []
-  frontier = [(c, 0, len(t["active"]), ()) for c, t in enumerate(trees)]
-  leaves = {}
-  while frontier:
-    segs, nxt = [], []
-    level = depth + 1
-    for c, lo, hi, path in frontier:
-      if hi - lo <= 1:
-        if hi > lo:
-          leaves[(c, lo)] = path
-        continue
-      mid = _split(lo, hi)
-      for (a_lo, a_hi), (b_lo, b_hi) in (((lo, mid), (mid, hi)),
-                                         ((mid, hi), (lo, mid))):
-        # Node (a_lo, a_hi) continues with its sibling b encoded here.
-        nxt.append((c, a_lo, a_hi, path + ((level, b_lo, b_hi),)))
-        if trees[c]["has_query"][a_lo:a_hi].any():
-          segs.append((c, b_lo, b_hi, path, level))
-    if nxt:
-      depth = level
-      level_segments.append(segs)
-    frontier = nxt
+  trees, level_segments, leaves, depth = _forest(lengths, labels, block,
+                                                 cand_idx, query_idx)
+  region = bucket(max([int(t["bstart"][-1]) for t in trees] + [1]),
+                  min_seq_len)
   depth_bucket = bucket(max(depth, 1))
+  statics = dict(rows=rows, divisor=divisor, num_ranges=1 + depth_bucket,
+                 prefix_len=header + region)
 
   def region_base(c, level):
     return header + (c * depth_bucket + level - 1) * region
 
   def prefix_ranges(c, path):
     t = trees[c]
-    pieces = [(0, header)] if header else []
+    pieces = [(0, header)]
     for level, lo, hi in path:
       pieces.append((region_base(c, level) + t["bstart"][lo],
                      t["bstart"][hi] - t["bstart"][lo]))
@@ -255,30 +307,27 @@ def tree_plan(lengths: ExampleLengths, labels: np.ndarray, unit: np.ndarray,
   if header:
     h = _Segments()
     h.add([np.arange(header)], 0, [], write_at=0)
-    head = h.build(min_len=1, rows=rows, divisor=divisor)
+    head = h.build(min_len=1, **statics)
   levels = []
   for segs in level_segments:
     acc = _Segments()
     for c, lo, hi, path, level in segs:
-      t = trees[c]
-      pieces = [t["src"][int(j)] for m in t["members"][lo:hi] for j in m]
-      if not pieces:
-        continue
-      acc.add(pieces, path_tokens(c, path), prefix_ranges(c, path),
-              write_at=region_base(c, level) + t["bstart"][lo])
+      pieces = _demo_sources(trees[c], lo, hi)
+      if pieces:
+        acc.add(pieces, path_tokens(c, path), prefix_ranges(c, path),
+                write_at=region_base(c, level) + trees[c]["bstart"][lo])
     if acc.src:
-      levels.append(acc.build(min_len=min_width, rows=rows,
-                              divisor=divisor))
+      # Level l's segments hold about region / 2^l tokens: that width (or
+      # the longest segment, if longer) keeps one shape per level while the
+      # labelled set grows inside one region bucket.
+      width = max(min_width, region >> len(levels) + 1)
+      levels.append(acc.build(min_len=width, **statics))
   leaf = _Segments()
   for c, i in zip(cand_idx.tolist(), query_idx.tolist()):
-    t = trees[c]
-    pos = int(np.searchsorted(t["active"], block_rank[i]))
-    path = leaves.get((c, pos), ())
-    mates = [t["src"][int(j)] for j in t["members"][pos] if unit[j] != unit[i]]
-    leaf.add(mates + [prompt_offset[i] + np.arange(lengths.prompt[i])],
-             path_tokens(c, path), prefix_ranges(c, path))
-  leaf_pass = leaf.build(min_len=min_width, rows=rows, divisor=divisor)
+    path, tail = _query_tail(trees[c], leaves, c, i, unit, prompt_offset,
+                             lengths.prompt)
+    leaf.add(tail, path_tokens(c, path), prefix_ranges(c, path))
   pool = header + candidates_bucket(num_cand) * depth_bucket * region
   return TreePlan(pool_tokens=int(pool), header=head, levels=tuple(levels),
-                  leaf=leaf_pass, depth=depth, num_rows=len(query_idx))
-
+                  leaf=leaf.build(min_len=min_width, **statics), depth=depth,
+                  num_rows=len(query_idx))
