@@ -6,13 +6,17 @@ halves first, the query's own block-mates last), and runs the plain model
 on it one query at a time. Nothing of the kernel's plan is reused.
 """
 
+import functools
+
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from icm_jax.model import init_params
+from icm_jax import sharding
+from icm_jax.model import forward, init_params, masks
 from icm_jax.scoring import LOOScorer, ScoringConfig
-from tests.test_scoring import CFG, make_examples, next_token_label_log_probs
+from tests.test_scoring import CFG, LABEL_SETS, make_examples
 
 
 @pytest.fixture(scope="module")
@@ -33,6 +37,25 @@ def reference_order(blocks_in_order, query_block):
       out += blocks_in_order[lo:mid]
       lo = mid
   return out
+
+
+@functools.partial(jax.jit, static_argnames="width")
+def _last_token_log_probs(params, tokens, length, *, width):
+  logits = forward(params, tokens[None], masks.default_positions(1, width),
+                   masks.padded_causal_mask(length[None], width), config=CFG,
+                   logit_positions=(length - 1)[None, None])[0, 0]
+  logp = jax.nn.log_softmax(logits)
+  return jnp.stack([jax.nn.logsumexp(logp[jnp.asarray(t)]) for t in LABEL_SETS])
+
+
+def next_token_label_log_probs(params, tokens):
+  """The plain model on one explicit prompt (right-padded to 256 tokens,
+  which a causal model never sees)."""
+  padded = np.zeros(256, np.int32)
+  padded[:len(tokens)] = tokens
+  return np.asarray(_last_token_log_probs(params, jnp.asarray(padded),
+                                          jnp.asarray(len(tokens)),
+                                          width=256))
 
 
 def reference_scores(params, ex, labels, block, unit, queries):
@@ -60,25 +83,127 @@ def reference_scores(params, ex, labels, block, unit, queries):
 
 
 GROUPS = [0, 0, 1, 1, 1, 2, 3, 3, 4, 2, 5]
+CONTEXTS = ["leave_one_out", "leave_group_out", "leave_block_out"]
 
 
-@pytest.mark.parametrize("context", ["leave_one_out", "leave_group_out",
-                                     "leave_block_out"])
-def test_tree_equals_reference(params, context):
-  n = len(GROUPS)
+def units_and_blocks(context):
+  g = np.array(GROUPS)
+  unit = {"leave_one_out": np.arange(len(g)), "leave_group_out": g,
+          "leave_block_out": g % 3}[context]
+  return unit, (g if context == "leave_one_out" else unit)
+
+
+def tree_scorer(params, context, n=len(GROUPS), **kw):
   ex = make_examples(n, header_len=3, seed=1)
-  rng = np.random.RandomState(3)
-  labels = rng.randint(0, 2, n).astype(np.int32)
-  labels[4] = -1
-  groups = [f"g{g}" for g in GROUPS]
   cfg = ScoringConfig("tree", context=context, blocks=3, rows_per_chunk=2,
                       query_chunk=8)
-  scorer = LOOScorer(CFG, params, ex, cfg, groups=groups)
-  scores = scorer.score(labels, np.ones(n, bool))
-  g = np.array(GROUPS)
-  unit = {"leave_one_out": np.arange(n), "leave_group_out": g,
-          "leave_block_out": g % 3}[context]
-  block = unit if context != "leave_one_out" else g
-  ref = reference_scores(params, ex, labels, block, unit, np.ones(n, bool))
-  np.testing.assert_allclose(scores.log_p_false, ref[:, 0], atol=1e-4)
-  np.testing.assert_allclose(scores.log_p_true, ref[:, 1], atol=1e-4)
+  return ex, LOOScorer(CFG, params, ex, cfg,
+                       groups=[f"g{g}" for g in GROUPS[:n]], **kw)
+
+
+@pytest.mark.parametrize("context", CONTEXTS)
+def test_tree_equals_reference(params, context):
+  """Every query (one unlabelled) of two assignments in one call, and one
+  query alone (the rows path), against the explicit prompts."""
+  n = len(GROUPS)
+  ex, scorer = tree_scorer(params, context)
+  rng = np.random.RandomState(3)
+  labels = rng.randint(0, 2, (2, n)).astype(np.int32)
+  labels[0, 4] = -1
+  labels[1, [0, 7]] = -1
+  unit, block = units_and_blocks(context)
+  scores = scorer.score(labels, np.ones((2, n), bool))
+  assert scorer.last_plan.depth >= 2  # a real tree, not one pass
+  for c in range(2):
+    ref = reference_scores(params, ex, labels[c], block, unit, np.ones(n, bool))
+    np.testing.assert_allclose(scores.log_p_false[c], ref[:, 0], atol=1e-4)
+    np.testing.assert_allclose(scores.log_p_true[c], ref[:, 1], atol=1e-4)
+  one = np.zeros(n, bool)
+  one[4] = True
+  alone = scorer.score(labels[0], one)
+  np.testing.assert_allclose(alone.log_p_true[4], scores.log_p_true[0, 4],
+                             atol=1e-4)
+
+
+@pytest.mark.parametrize("context", CONTEXTS)
+def test_no_prompt_sees_its_own_unit(params, context):
+  """Flipping a query's own unit leaves its score alone; flipping any other
+  labelled example moves it (both in one call, and on the rows path)."""
+  n = len(GROUPS)
+  _, scorer = tree_scorer(params, context)
+  unit, _ = units_and_blocks(context)
+  labels = np.random.RandomState(5).randint(0, 2, n).astype(np.int32)
+  for i in (2, 9):
+    own = labels.copy()
+    own[unit == unit[i]] ^= 1
+    other = labels.copy()
+    j = int(np.nonzero(unit != unit[i])[0][-1])
+    other[j] ^= 1
+    batch = np.stack([labels, own, other])
+    s = scorer.score(batch, np.ones((3, n), bool)).s[:, i]
+    assert abs(s[1] - s[0]) < 1e-5, (i, s)
+    assert abs(s[2] - s[0]) > 1e-4, (i, j, s)
+    one = np.zeros(n, bool)
+    one[i] = True
+    alone = [scorer.score(b, one).s[i] for b in batch]
+    assert abs(alone[1] - alone[0]) < 1e-5 and abs(alone[2] - alone[0]) > 1e-4
+
+
+def test_sharded_equals_unsharded(params):
+  mesh = sharding.create_mesh(sharding.MeshConfig(data=2, fsdp=2, tensor=2))
+  sharded = sharding.shard_params(params, sharding.param_shardings(params,
+                                                                   mesh))
+  n = len(GROUPS)
+  _, plain = tree_scorer(params, "leave_one_out")
+  _, meshed = tree_scorer(sharded, "leave_one_out", mesh=mesh)
+  labels = np.random.RandomState(6).randint(0, 2, n).astype(np.int32)
+  labels[3] = -1
+  queries = np.ones(n, bool)
+  np.testing.assert_allclose(meshed.score(labels, queries).s,
+                             plain.score(labels, queries).s, atol=1e-5)
+
+
+def test_compiles_bounded_as_the_labelled_set_grows(params):
+  """One labelled example more per call, as the search grows its set: every
+  pass shape is a function of the call's region and depth buckets (and
+  segment-count buckets), so compiles stop once a bucket repeats; label
+  flips never compile."""
+  n = 40
+  ex = make_examples(n, header_len=2, seed=2)
+  scorer = LOOScorer(CFG, params, ex, ScoringConfig("tree"),
+                     groups=[f"g{i // 2}" for i in range(n)])
+  labels = -np.ones(n, np.int32)
+  labels[:24] = 1
+  buckets, counts = set(), []
+  for k in range(24, n):
+    labels[k] = k % 2
+    scorer.score(labels)
+    buckets.add(scorer.last_plan.pool_tokens)
+    counts.append(scorer.trace_count)
+  before = scorer.trace_count
+  scorer.score(np.where(labels >= 0, 1 - labels, -1))
+  assert scorer.trace_count == before   # same lengths: nothing compiles
+  # Within one pool bucket, at most a few new shapes appear (segment counts
+  # at the deepest levels); a new bucket costs one set of passes.
+  passes = len(scorer.last_plan.passes)
+  assert counts[-1] <= len(buckets) * passes + 8, (counts, buckets)
+  assert counts[-1] < 2 * (n - 24)
+
+
+def test_tree_plan_cost_is_log_passes():
+  """Token-forwards of one evaluation: about log2(units) passes over D,
+  against the N/2 of exact mode."""
+  from icm_jax.scoring import layout, tree_layout
+  n = 256
+  lengths = layout.ExampleLengths(4, np.full(n, 20), 2)
+  labels = np.ones((1, n), np.int32)
+  cand, query = layout.scored_rows(labels)
+  plan = tree_layout.tree_plan(lengths, labels, np.arange(n), np.arange(n),
+                               cand, query, min_seq_len=64, min_width=8,
+                               rows=8)
+  demo_total = int(lengths.demo.sum())
+  assert plan.depth == 8
+  levels = sum(p.tokens_forwarded for p in plan.levels)
+  assert demo_total * 8 <= levels <= demo_total * 8 * 1.6
+  exact = sum(layout.exact_row_lengths(lengths, labels, cand, query))
+  assert plan.tokens_forwarded * 10 < exact

@@ -19,13 +19,14 @@ from icm_jax.scoring.common import constrain_batch, label_log_probs
 
 
 def new_pool(model_config, pool_tokens: int, sharding=None) -> KVCache:
-  """Zero keys/values [L, pool_tokens, K, D] in the compute dtype."""
+  """Zero keys/values [L, pool_tokens, K, D] in the compute dtype
+  (sharding: a KVCache of NamedShardings, or None)."""
   cfg = model_config
   shape = (cfg.num_layers, pool_tokens, cfg.num_kv_heads, cfg.head_dim)
   make = lambda: jnp.zeros(shape, cfg.compute_dtype)
-  if sharding is not None:
-    make = jax.jit(make, out_shardings=sharding)
-  return KVCache(make(), make())
+  if sharding is None:
+    return KVCache(make(), make())
+  return KVCache(*(jax.jit(make, out_shardings=s)() for s in sharding))
 
 
 def _prefix_index(ranges, prefix_len: int):
