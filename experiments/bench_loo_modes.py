@@ -331,6 +331,9 @@ def timing(model, tokenizer_words, n):
   model_tokens = {"exact": demo.sum() + suffix.sum() + tokens.prompt_lengths.sum(),
                   "shared": demo.sum() + tokens.prompt_lengths.sum(),
                   "parallel": tokens.prompt_lengths.sum()}
+  if "tree" in scorers:  # its plan's real (unpadded) query tokens
+    plan = scorers["tree"].last_plan
+    model_tokens["tree"] = sum(int(p.length.sum()) for p in plan.passes)
   for mode in FLAGS.time_modes:
     if mode.startswith("lobo_"):
       b = int(mode.split("_")[1])
