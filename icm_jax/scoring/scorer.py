@@ -150,14 +150,13 @@ class LOOScorer:
             f"example {examples.ids[worst]!r}: one demonstration "
             f"({self._demo_len[worst]} tokens) plus its prompt is already "
             f"{longest[worst]} tokens > model context {context}")
+    if config.mode == "exact":
       self._kernel = jax.jit(self._exact_kernel,
                              static_argnames=("seq_len",))
       self._shared_kernel = jax.jit(self._exact_shared_kernel,
                                     static_argnames=("full_len", "packed_len"))
-    if config.mode == "tree":
+    elif config.mode == "tree":
       self._init_tree(groups)
-    if config.mode in ("exact", "tree"):
-      pass
     elif config.mode == "shared":
       self._kernel = jax.jit(self._shared_context_kernel,
                              static_argnames=("full_len",))
