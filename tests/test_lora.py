@@ -39,8 +39,11 @@ def _leaves(tree):
   return {k: np.asarray(x) for k, x in _by_path(tree).items()}
 
 
-def test_step_changes_only_adapters_sharded_by_kernel_rules():
-  base = lora_base()
+@pytest.mark.parametrize("base_dtype", ["float32", "bfloat16"])
+def test_step_changes_only_adapters_sharded_by_kernel_rules(base_dtype):
+  # A bf16-stored base stays bf16 (no float32 copy of the frozen weights);
+  # only the adapters and their AdamW moments are float32.
+  base = jax.tree.map(lambda x: x.astype(base_dtype), lora_base())
   examples = make_examples(8, seed=4)
   labels = marker_labels(examples)
   cfg = TrainConfig(learning_rate=1e-2, warmup_steps=0, batch_size=8,
@@ -74,8 +77,7 @@ def test_step_changes_only_adapters_sharded_by_kernel_rules():
   step = build(mesh)
   state_shardings = jax.tree.map(lambda x: x.sharding, step.abstract_params)
   state = jax.device_put(lora.train_state(base, adapters), state_shardings)
-  opt_state = jax.jit(step.optimizer.init, out_shardings=jax.tree.map(
-      lambda x: x.sharding, step.abstract_opt_state))(state)
+  opt_state = step.init_opt_state(state)
   host = data.build_batch(examples, labels, np.arange(8), 1, 16, 32)
   batch = jax.device_put(host.arrays(), step.batch_shardings)
   before = _leaves(state)
@@ -85,9 +87,14 @@ def test_step_changes_only_adapters_sharded_by_kernel_rules():
   after = _leaves(state)
   for key, value in before.items():
     if key.startswith("['base']"):
-      np.testing.assert_array_equal(after[key], value, err_msg=key)
+      assert after[key].dtype == np.dtype(base_dtype), key
+      np.testing.assert_array_equal(after[key].view(np.uint8),
+                                    value.view(np.uint8), err_msg=key)
     else:
+      assert after[key].dtype == np.float32, key
       assert np.abs(after[key] - value).max() > 1e-4, key
+  assert {x.dtype for x in jax.tree.leaves(opt_state) if x.ndim} == {
+      np.dtype(np.float32)}
 
 
 @pytest.fixture(scope="module")

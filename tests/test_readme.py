@@ -1,7 +1,8 @@
 """Every `icm-jax` / `python main.py` command of the README, run.
 
 Commands that need the user's own things get stand-ins: their claims file
-(a small one), their Llama-3.1-8B (its config.json from the preset, plus
+(a small one), their Llama-3.1-8B by path, Hub id or bucket (its
+config.json from the preset, plus
 SmolLM2's tokenizer: `--check_only` never reads weights), the ICM release's
 GSM8K file (../shared/data) and their bucket (a local folder; gs:// itself
 is tests/test_storage.py). Each runs with `--check_only`, which runs every
@@ -71,7 +72,13 @@ def stand_ins(tmp_path_factory):
   AutoTokenizer.from_pretrained(os.path.dirname(gguf),
                                 gguf_file=os.path.basename(gguf)
                                 ).save_pretrained(str(llama))
+  # Their bucket (gs://my-bucket/ -> a local folder, below) holds a copy.
+  import shutil
+  shutil.copytree(llama, root / "bucket" / "models" / "llama-3.1-8b")
   return root, {
+      # The Hub id names the same checkpoint; resolving ids through the HF
+      # cache is tests/test_model_sources.py's.
+      "meta-llama/Llama-3.1-8B": str(llama),
       "/models/Meta-Llama-3.1-8B": str(llama),
       "/data/icm/test_gsm8k.json": None,  # shared_file, when a test uses it
       "gs://my-bucket/": str(root / "bucket") + "/",

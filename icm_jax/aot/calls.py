@@ -61,6 +61,9 @@ class Call:
   cost: "Cost"           # analytic, per chip
   global_cost: "Cost"    # analytic, whole program (every chip's work)
   kv_heads: int = 0      # the model's, for advice on the tensor axis
+  # Settings in force that the fit advice must not suggest again:
+  # param_dtype, and for the train step lora_rank and remat.
+  settings: dict = dataclasses.field(default_factory=dict)
   # Filled by compile_call for a later call that consumes this one's output.
   lowered: Any = None
   compiled: Any = None
@@ -177,6 +180,7 @@ def scoring_calls(model: LlamaConfig, mesh, workload: Workload,
           parallel_query_cost(model, lay, 1, 1)))
   for call in calls:
     call.kv_heads = model.num_kv_heads
+    call.settings = {"param_dtype": model.param_dtype}
   return calls
 
 
@@ -191,8 +195,10 @@ def train_call(model: LlamaConfig, mesh, workload: Workload,
   dtype = (compute_dtype if train.compute_dtype == "auto"
            else resolve_compute_dtype(train.compute_dtype))
   try:
-    # Fine-tuning trains float32 master weights (pipeline/train_stage.py).
-    model = model.replace(param_dtype="float32")
+    # Full fine-tuning trains float32 master weights; LoRA keeps the base in
+    # its stored dtype (pipeline/train_stage.py).
+    if not train.lora_rank:
+      model = model.replace(param_dtype="float32")
     step = sharded_train_step(model, param_shapes(model), train, total_steps,
                               mesh, workload.token_sets, dtype)
   except ValueError as e:
@@ -211,4 +217,6 @@ def train_call(model: LlamaConfig, mesh, workload: Workload,
       train_step_cost(forward_config, seq_len, train, divisor,
                       mesh.shape["tensor"], sharding_chips=mesh.size),
       train_step_cost(forward_config, seq_len, train, 1, 1, 1),
-      kv_heads=model.num_kv_heads)
+      kv_heads=model.num_kv_heads,
+      settings={"param_dtype": model.param_dtype,
+                "lora_rank": train.lora_rank, "remat": train.remat})

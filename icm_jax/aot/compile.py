@@ -40,6 +40,7 @@ class CallReport:
   # its total, see _parse_oom) and the other sizes come from the inputs.
   compiler_error: Optional[str] = None
   kv_heads: int = 0
+  settings: dict = dataclasses.field(default_factory=dict)  # Call.settings
 
   @property
   def total_bytes(self) -> int:
@@ -155,7 +156,7 @@ def compile_call(call: Call, mesh, previous: Optional[Call] = None
           compile_seconds=done - lowered_at, cost=call.cost,
           device_kinds=kinds, hlo_platform="tpu",
           compiler_error=" ".join(str(e).split())[:500],
-          kv_heads=call.kv_heads)
+          kv_heads=call.kv_heads, settings=dict(call.settings))
     done = time.perf_counter()
   call.compiled = compiled
   memory = compiled.memory_analysis()
@@ -174,7 +175,8 @@ def compile_call(call: Call, mesh, previous: Optional[Call] = None
       xla_bytes=float(costs.get("bytes accessed", float("nan"))),
       lower_seconds=lowered_at - began, compile_seconds=done - lowered_at,
       cost=call.cost, device_kinds=kinds,
-      hlo_platform=_hlo_platform(compiled.as_text()), kv_heads=call.kv_heads)
+      hlo_platform=_hlo_platform(compiled.as_text()), kv_heads=call.kv_heads,
+      settings=dict(call.settings))
 
 
 def compile_calls(calls: Sequence[Call], mesh,
@@ -211,6 +213,10 @@ def fit_advice(report: CallReport, mesh_shape: Dict[str, int]) -> List[str]:
                  f"tensor=... > {tensor}"
                  + (f", up to the {heads} KV heads" if heads else "") + ")"
                  if not heads or tensor < heads else None)
+  # Never advise what is already in force (an unknown setting counts as not).
+  settings = report.settings
+  bf16 = settings.get("param_dtype") == "bfloat16"
+  lora_on = bool(settings.get("lora_rank"))
   advice = []
   if main == "arguments":
     advice.append(
@@ -219,15 +225,22 @@ def fit_advice(report: CallReport, mesh_shape: Dict[str, int]) -> List[str]:
         f"shard them over more chips (a larger fsdp axis than {fsdp}: "
         "--mesh data=1,fsdp=-1,tensor=1 uses every chip; or a bigger "
         "--topology)")
-    if report.name != "train":
-      advice.append("store the scoring params in bfloat16 "
-                    "(--config.model.param_dtype=bfloat16)")
+    if report.name == "train" and not lora_on:
+      advice.append("fine-tune LoRA adapters (--config.train.lora_rank=16): "
+                    "no AdamW state or gradients for the base, which stays "
+                    "in its stored dtype")
+    elif not bf16:
+      advice.append(("store the frozen base" if report.name == "train" else
+                     "store the scoring params") +
+                    " in bfloat16 (--config.model.param_dtype=bfloat16)")
   elif report.name == "train":
+    remat = ("" if settings.get("remat") else
+             ", --config.train.remat=True")
     advice.append(
         f"temporaries ({_gib(report.temp_bytes)}/chip, activations) "
         "dominate: a smaller micro-batch (raise "
-        "--config.train.grad_accum_steps), --config.train.remat=True if it is "
-        "off, or shorter rows; more chips spread the batch further")
+        f"--config.train.grad_accum_steps){remat}, or shorter rows; more "
+        "chips spread the batch further")
   elif report.name in ("exact", "exact_unshared"):
     advice.append(
         f"temporaries ({_gib(report.temp_bytes)}/chip) dominate: exact-mode "

@@ -1,7 +1,8 @@
 """HF checkpoints: import from / export to `config.json` + safetensors.
 
 Import reads tensors slice by slice with `safetensors.safe_open(framework=
-"numpy")` (bfloat16 comes back as `ml_dtypes.bfloat16`), so a parameter is
+"numpy")` (bfloat16 comes back as `ml_dtypes.bfloat16`), or by byte ranges
+from a gs:// folder (`remote.RangeSafetensors`), so a parameter is
 materialised only as the device shards that need it. Export writes one shard
 file at a time, pulling one layer of one parameter to the host at a time.
 """
@@ -18,9 +19,11 @@ import numpy as np
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
+from icm_jax import storage
 from icm_jax.checkpoints.common import (CheckpointError, Index, ShardingsArg,
                                         TensorSource, build_params,
                                         check_overrides, iter_hf_tensors)
+from icm_jax.checkpoints.remote import RangeSafetensors
 from icm_jax.model.config import LlamaConfig, dtype_from_name
 
 CONFIG_NAME = "config.json"
@@ -32,8 +35,37 @@ _SHARD_RE = re.compile(r"^model-\d{5}-of-\d{5}\.safetensors$")
 # -- import -------------------------------------------------------------------
 
 
+# A checkpoint folder is a local directory or a URL (gs://...; remote.py):
+# these few calls are all that differs between the two.
+
+
+def _join(folder: str, name: str) -> str:
+  return storage.join(folder, name)
+
+
+def _isfile(path: str) -> bool:
+  return storage.exists(path) if storage.is_url(path) else os.path.isfile(path)
+
+
+def _listdir(folder: str) -> List[str]:
+  if storage.is_url(folder):
+    return sorted(p.name for p in storage.as_epath(folder).iterdir())
+  return os.listdir(folder)
+
+
+def _open_safetensors(path: str):
+  if storage.is_url(path):
+    return RangeSafetensors(path)
+  return safe_open(path, framework="numpy")
+
+
 def _require_dir(path: str) -> str:
   path = os.fspath(path)
+  if storage.is_url(path):
+    if not _isfile(_join(path, CONFIG_NAME)):
+      raise CheckpointError(f"{_join(path, CONFIG_NAME)}: missing; an HF "
+                            "checkpoint folder needs config.json")
+    return path.rstrip("/")
   if not os.path.exists(path):
     raise CheckpointError(f"{path}: no such checkpoint directory")
   if not os.path.isdir(path):
@@ -45,13 +77,12 @@ def _require_dir(path: str) -> str:
 def read_hf_config_dict(path: str) -> Dict[str, Any]:
   """The parsed `config.json` of checkpoint directory `path`."""
   path = _require_dir(path)
-  cfg_path = os.path.join(path, CONFIG_NAME)
-  if not os.path.isfile(cfg_path):
+  cfg_path = _join(path, CONFIG_NAME)
+  if not _isfile(cfg_path):
     raise CheckpointError(f"{cfg_path}: missing; an HF checkpoint directory "
                           "needs config.json")
   try:
-    with open(cfg_path, encoding="utf-8") as f:
-      hf = json.load(f)
+    hf = json.loads(storage.read_text(cfg_path))
   except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
     raise CheckpointError(f"{cfg_path}: cannot parse JSON: {e}") from e
   if not isinstance(hf, dict):
@@ -64,7 +95,7 @@ def load_hf_config(path: str,
                    ) -> LlamaConfig:
   """LlamaConfig from `path/config.json`, with `config_overrides` applied."""
   hf = read_hf_config_dict(path)
-  cfg_path = os.path.join(path, CONFIG_NAME)
+  cfg_path = _join(path, CONFIG_NAME)
   if hf.get("quantization_config"):
     raise CheckpointError(f"{cfg_path}: quantized checkpoints "
                           f"({hf['quantization_config'].get('quant_method')}) "
@@ -88,13 +119,12 @@ class SafetensorsSource(TensorSource):
 
   def __init__(self, path: str):
     self.path = _require_dir(path)
-    index_path = os.path.join(self.path, INDEX_NAME)
-    single = os.path.join(self.path, SINGLE_FILE)
+    index_path = _join(self.path, INDEX_NAME)
+    single = _join(self.path, SINGLE_FILE)
     self._where: Dict[str, str] = {}
-    if os.path.isfile(index_path):
+    if _isfile(index_path):
       try:
-        with open(index_path, encoding="utf-8") as f:
-          weight_map = json.load(f)["weight_map"]
+        weight_map = json.loads(storage.read_text(index_path))["weight_map"]
         if not isinstance(weight_map, dict):
           raise TypeError("weight_map is not an object")
       except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError,
@@ -103,16 +133,16 @@ class SafetensorsSource(TensorSource):
                               f"{type(e).__name__}: {e}") from e
       files = sorted(set(weight_map.values()))
       for fname in files:
-        if not os.path.isfile(os.path.join(self.path, fname)):
+        if not _isfile(_join(self.path, fname)):
           raise CheckpointError(f"{index_path}: names shard {fname!r} which "
                                 f"does not exist in {self.path}")
       self.describe_str = index_path
-    elif os.path.isfile(single):
+    elif _isfile(single):
       files = [SINGLE_FILE]
       weight_map = None
       self.describe_str = single
     else:
-      found = sorted(f for f in os.listdir(self.path)
+      found = sorted(f for f in _listdir(self.path)
                      if f.endswith(".safetensors"))
       raise CheckpointError(
           f"{self.path}: no {SINGLE_FILE} or {INDEX_NAME}"
@@ -121,9 +151,11 @@ class SafetensorsSource(TensorSource):
     self._handles = {}
     try:
       for fname in files:
-        fpath = os.path.join(self.path, fname)
+        fpath = _join(self.path, fname)
         try:
-          handle = safe_open(fpath, framework="numpy")
+          handle = _open_safetensors(fpath)
+        except CheckpointError:
+          raise
         except Exception as e:  # SafetensorError is not exported portably
           raise CheckpointError(f"{fpath}: corrupt or truncated safetensors "
                                 f"file: {e}") from e
@@ -136,7 +168,7 @@ class SafetensorsSource(TensorSource):
         for name, fname in weight_map.items():
           if name not in self._where:
             raise CheckpointError(
-                f"{os.path.join(self.path, fname)}: tensor {name!r} listed in "
+                f"{_join(self.path, fname)}: tensor {name!r} listed in "
                 f"{INDEX_NAME} is not in this shard")
     except BaseException:
       self.close()
@@ -165,7 +197,7 @@ class SafetensorsSource(TensorSource):
 
   def location(self, name: str) -> str:
     fname = self._where.get(name)
-    return os.path.join(self.path, fname) if fname else self.describe_str
+    return _join(self.path, fname) if fname else self.describe_str
 
   def _slice(self, name):
     return self._handles[self._where[name]].get_slice(name)

@@ -16,7 +16,9 @@ import jax
 import numpy as np
 
 from icm_jax import storage
-from icm_jax.checkpoints import load_model, load_model_config, load_tokenizer
+from icm_jax.checkpoints import (CheckpointError, load_model,
+                                 load_model_config, load_tokenizer, locate)
+from icm_jax.checkpoints.hub import is_hub_id
 from icm_jax.model import LlamaConfig, param_shapes
 from icm_jax.model.presets import PRESETS, SHAPE_KEYS, preset_name
 from icm_jax.run_config import ConfigError, RunConfig
@@ -208,13 +210,19 @@ def load_model_for_run(cfg: RunConfig, mesh, inputs: Inputs,
       raise ConfigError(f"model.random_init: {e}") from e
     description = f"random {config.num_layers}-layer Llama (seed {cfg.seed})"
   else:
-    if not os.path.exists(path):
-      raise ConfigError(f"model.path={path!r}: no such file or directory")
+    # A Hub id becomes its HF-cache snapshot, config and tokenizer first
+    # (the weights only once every check below has passed); gs:// folders
+    # stay URLs, read by ranges.
+    path = locate_model(path, cfg.model.revision or None, "model.path",
+                        weights=False)
     config = load_model_config(path, overrides)
-    description = os.path.basename(os.path.normpath(path))
+    description = (cfg.model.path if is_hub_id(cfg.model.path) else
+                   storage.basename(os.path.normpath(path)))
   if cfg.model.get("preset"):
-    _check_preset(config, cfg.model.preset, path)
-  tokenizer = load_tokenizer(cfg.model.tokenizer or path)
+    _check_preset(config, cfg.model.preset, cfg.model.path)
+  tokenizer = load_tokenizer(
+      locate_model(cfg.model.tokenizer, None, "model.tokenizer",
+                   weights=False) if cfg.model.tokenizer else path)
   if len(tokenizer) > config.vocab_size:
     raise ConfigError(f"model.tokenizer has {len(tokenizer)} tokens but the "
                       f"model's vocab_size is {config.vocab_size}")
@@ -225,11 +233,23 @@ def load_model_for_run(cfg: RunConfig, mesh, inputs: Inputs,
   if cfg.model.random_init is not None:
     params = init_sharded_params(config, mesh, jax.random.key(cfg.seed))
   else:
+    path = locate_model(cfg.model.path, cfg.model.revision or None,
+                        "model.path")
     config, params, _ = load_model(
         path, config_overrides=overrides,
         param_shardings=lambda c: param_shardings(param_shapes(c), mesh),
         with_tokenizer=False)
   return Model(config, params, tokenizer, description)
+
+
+def locate_model(path: str, revision, key: str, weights: bool = True) -> str:
+  """`checkpoints.locate`, its errors as one line naming the config key."""
+  try:
+    return locate(path, revision, weights)
+  except CheckpointError as e:
+    message = str(e)  # "<path>[ (revision r)]: why"
+    rest = message[len(path):] if message.startswith(path) else ": " + message
+    raise ConfigError(f"{key}={path!r}{rest}") from None
 
 
 def _check_preset(config: LlamaConfig, preset: str, path) -> None:

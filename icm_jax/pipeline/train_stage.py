@@ -83,10 +83,14 @@ def finetune(cfg: RunConfig, task: Task, model: Model, mesh,
       events.scalars({f"train_{name}/{k}": v for k, v in record.items()
                       if k in ("loss", "learning_rate", "grad_norm")}, step)
 
-  # Optimizer updates at lr ~1e-5 vanish when added to bfloat16 weights
-  # (8 mantissa bits): train float32 master weights whatever the stored dtype.
-  config = model.config.replace(param_dtype="float32")
-  params = jax.tree.map(lambda x: x.astype(jnp.float32), model.params)
+  config, params = model.config, model.params
+  if not cfg.train.lora_rank:
+    # Optimizer updates at lr ~1e-5 vanish when added to bfloat16 weights (8
+    # mantissa bits): full fine-tuning trains float32 master weights whatever
+    # the stored dtype. LoRA's frozen base stays as stored (its adapters are
+    # float32), so it costs no more than the scorer's copy.
+    config = config.replace(param_dtype="float32")
+    params = jax.tree.map(lambda x: x.astype(jnp.float32), params)
   result = train(config, params, tokens, np.asarray(labels),
                  cfg.train, mesh=mesh, workdir=train_dir(workdir, name),
                  metrics_callback=forward_metrics, progress=cfg.progress)

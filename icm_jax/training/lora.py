@@ -6,9 +6,10 @@ a [layers, in, r] and b [layers, r, out]; the adapted kernel is
     W + (alpha / r) * a @ b        (in HF's [out, in] orientation: W + s·B·A)
 
 b starts at zero, so step 0 is the base model. The train state is
-{"base": params, "lora": adapters}; `optimizer` freezes "base" with
-optax.multi_transform + set_to_zero (no optimizer state for it), and the step
-differentiates the adapters only. The forward runs on the merged kernels, so
+{"base": params, "lora": adapters}: the step differentiates and updates the
+adapters only, and hands the base back untouched, in its stored dtype (bf16
+on accelerators, so the frozen base costs what scoring's copy costs). Only
+the adapters and their AdamW moments are float32. The forward runs on the merged kernels, so
 the model, its checkpoints and the scorer need nothing LoRA-specific:
 evaluation, iterative labelling and HF export all get `merge(...)`.
 
@@ -24,7 +25,6 @@ from typing import Sequence, Tuple
 import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
-import optax
 
 from icm_jax.model.llama import key_path_names
 from icm_jax.sharding import LLAMA_RULES, Rule
@@ -54,7 +54,9 @@ def adapter_rules(rules: Sequence[Rule] = LLAMA_RULES) -> Tuple[Rule, ...]:
 
 def init_adapters(params, rank: int, rng: jax.Array):
   """{"layers": {module: {proj: {"lora_a", "lora_b"}}}} for `params` (arrays
-  or ShapeDtypeStructs): a ~ U(±1/sqrt(in)) (PEFT's default bound), b = 0."""
+  or ShapeDtypeStructs): a ~ U(±1/sqrt(in)) (PEFT's default bound), b = 0,
+  float32 whatever the base's dtype: updates at lr ~1e-4 would vanish in
+  bf16 adapters (8 mantissa bits)."""
   leaves = jax.tree_util.tree_flatten_with_path(params)[0]
   targets = [(key_path_names(p), x) for p, x in leaves
              if _is_target(key_path_names(p))]
@@ -68,9 +70,9 @@ def init_adapters(params, rank: int, rng: jax.Array):
     bound = fan_in ** -0.5
     node = adapters.setdefault("layers", {}).setdefault(names[1], {})
     node[names[2]] = {
-        "lora_a": jax.random.uniform(key, (layers, fan_in, rank), kernel.dtype,
+        "lora_a": jax.random.uniform(key, (layers, fan_in, rank), jnp.float32,
                                      -bound, bound),
-        "lora_b": jnp.zeros((layers, rank, fan_out), kernel.dtype),
+        "lora_b": jnp.zeros((layers, rank, fan_out), jnp.float32),
     }
   return adapters
 
@@ -95,15 +97,6 @@ def merge(params, adapters, scale: float, dtype=None):
 
 def train_state(params, adapters) -> dict:
   return {BASE: params, ADAPTERS: adapters}
-
-
-def optimizer(adapter_optimizer: optax.GradientTransformation
-              ) -> optax.GradientTransformation:
-  """`adapter_optimizer` on the adapters; the base params frozen (zero
-  updates, no optimizer state) by optax's masking."""
-  return optax.multi_transform(
-      {ADAPTERS: adapter_optimizer, BASE: optax.set_to_zero()},
-      {BASE: BASE, ADAPTERS: ADAPTERS})
 
 
 def scale_of(rank: int, alpha: float) -> float:

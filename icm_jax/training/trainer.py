@@ -9,8 +9,9 @@ the prompts plus a [B, V] head.
 One jitted step takes [grad_accum_steps, micro_batch, T] arrays, scans over the
 micro-batches summing per-row losses and gradients, divides by the number of
 real rows and applies one clipped AdamW update. Master weights and optimizer
-state stay in the params' dtype (float32); the forward computes in
-`compute_dtype` (bfloat16 on accelerators). The same code runs on one CPU, on
+state stay in the params' dtype (float32 for full fine-tuning; with LoRA the
+frozen base keeps its stored dtype and the adapters are float32); the forward
+computes in `compute_dtype` (bfloat16 on accelerators). The same code runs on one CPU, on
 fake CPU devices and on a TPU pod: params and optimizer state are placed by
 LLAMA_RULES, batch rows over ('data', 'fsdp').
 """
@@ -149,17 +150,16 @@ def make_train_step(model_config: LlamaConfig, optimizer, token_sets,
   if lora_scale is None:
     trainable_loss = lambda params, _, micro: micro_batch_loss(params, micro)
     split = lambda state: (state, None)
-    join = lambda grads, _: grads
+    join = lambda trainable, _: trainable
   else:
     def trainable_loss(adapters, base, micro):
       merged = lora.merge(base, adapters, lora_scale,
                           model_config.compute_dtype)
       return micro_batch_loss(merged, micro)
     split = lambda state: (state[lora.ADAPTERS], state[lora.BASE])
-    # Zeros for the frozen base: set_to_zero ignores them, so they cost
-    # nothing, and no base-sized gradient is ever accumulated.
-    join = lambda grads, base: lora.train_state(
-        jax.tree.map(jnp.zeros_like, base), grads)
+    # The frozen base is handed back as it came (the donated buffer aliases
+    # the output): no base-sized gradient, update or rewrite.
+    join = lambda adapters, base: lora.train_state(base, adapters)
   grad_fn = jax.value_and_grad(trainable_loss, has_aux=True)
 
   def step(state, opt_state, batch):
@@ -177,9 +177,8 @@ def make_train_step(model_config: LlamaConfig, optimizer, token_sets,
     rows = jnp.maximum(jnp.sum(batch["weights"]), 1.0)
     grads = jax.tree.map(lambda g: g / rows.astype(g.dtype), grads)
     grad_norm = optax.tree.norm(grads)
-    updates, opt_state = optimizer.update(join(grads, frozen), opt_state,
-                                          state)
-    state = optax.apply_updates(state, updates)
+    updates, opt_state = optimizer.update(grads, opt_state, trainable)
+    state = join(optax.apply_updates(trainable, updates), frozen)
     metrics = {"loss": loss_sum / rows, "accuracy": correct / rows,
                "grad_norm": grad_norm}
     return state, opt_state, metrics
@@ -220,9 +219,16 @@ class ShardedTrainStep:
   lora_scale: Optional[float] = None
 
   def trainable(self, state):
-    """What a checkpoint keeps: the params, or with LoRA the adapters only
-    (the frozen base is the caller's and is not rewritten every save)."""
+    """What the optimizer updates and a checkpoint keeps: the params, or with
+    LoRA the adapters only (the frozen base is the caller's and is not
+    rewritten every save)."""
     return state if self.lora_scale is None else state[lora.ADAPTERS]
+
+  def init_opt_state(self, state):
+    """The optimizer state of `state` (of its trainable part), placed."""
+    return jax.jit(lambda s: self.optimizer.init(self.trainable(s)),
+                   out_shardings=jax.tree.map(lambda x: x.sharding,
+                                              self.abstract_opt_state))(state)
 
   def abstract_batch(self, config: TrainConfig, seq_len: int) -> dict:
     """[grad_accum_steps, micro_batch(, seq_len)] batch arrays of one step."""
@@ -249,7 +255,6 @@ def sharded_train_step(model_config: LlamaConfig, param_shapes, config:
   shapes = _abstract(param_shapes)
   rules, lora_scale = LLAMA_RULES, None
   if config.lora_rank:
-    optimizer = lora.optimizer(optimizer)
     adapters = jax.eval_shape(
         lambda: lora.init_adapters(shapes, config.lora_rank,
                                    jax.random.key(0)))
@@ -257,7 +262,8 @@ def sharded_train_step(model_config: LlamaConfig, param_shapes, config:
     rules = tuple(LLAMA_RULES) + lora.adapter_rules()
     lora_scale = lora.scale_of(config.lora_rank, config.lora_alpha)
   p_shardings = param_shardings(shapes, mesh, rules)
-  opt_shapes = jax.eval_shape(optimizer.init, shapes)
+  opt_shapes = jax.eval_shape(
+      optimizer.init, shapes if lora_scale is None else shapes[lora.ADAPTERS])
   o_shardings = param_shardings(opt_shapes, mesh,
                                 tuple(rules) + OPT_STATE_RULES)
   batch_shardings = {name: _row_sharding(mesh, 3 if name == "tokens" else 2)
@@ -369,8 +375,7 @@ def train(model_config: LlamaConfig, params, examples: ExampleTokens,
                      total_steps, workdir)
       else:
         state = with_base(None)
-        opt_state = jax.jit(sharded.optimizer.init,
-                            out_shardings=o_shardings)(state)
+        opt_state = sharded.init_opt_state(state)
 
       metrics_log = None
       if workdir is not None and jax.process_index() == 0:
