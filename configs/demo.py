@@ -9,9 +9,11 @@ Claims compare two lexicon words ('"superb" is a more positive word than
 pair's order; icm_jax/tasks/data/sentiment/SOURCE.md). ICM labels the first
 4 train pairs (8 claims) in one search per seed, scored in exact mode (the
 paper's prompts; no one-pass mode agrees with it, README "Scoring modes"),
-which is what limits the size here; the report compares many-shot
-prompting with ICM, gold and coin-flip labels, the bootstrap + consistency
-baseline on the first 32 test pairs, read by group-consistent decoding.
+which is what limits the size here. The report's headline is each method's
+train label accuracy (agreement with train gold, read for reporting only);
+then it compares many-shot prompting with ICM, gold, inverted-gold and
+coin-flip labels and the bootstrap + consistency baseline on the first 32
+test pairs, read by group-consistent decoding.
 Fine-tuning rows and the icm_no_consistency ablation (a second search per
 seed) are left out to keep it short; add them with --config.eval.methods
 (and --config.stages=label,train,eval for fine-tuning).
@@ -43,8 +45,10 @@ def get_config():
   # random walk); at 1000 the median step is ~9: exploratory at T0 = 10,
   # nearly greedy by the end. Chosen from U's scale, not from any labels.
   config.search.alpha = 1000.0
-  config.eval.methods = ("zero_shot,many_shot_gold,many_shot_icm,"
-                         "many_shot_random,bootstrap_consistent")
+  # many_shot_inverted (gold flipped) is the control that says whether
+  # many-shot accuracy tells good labels from bad here at all.
+  config.eval.methods = ("zero_shot,many_shot_gold,many_shot_inverted,"
+                         "many_shot_icm,many_shot_random,bootstrap_consistent")
   config.eval.batch_size = 16
   config.train.export_hf = False
   return config

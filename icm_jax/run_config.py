@@ -41,7 +41,8 @@ from icm_jax.training.config import TrainConfig
 
 STAGES = ("label", "train", "eval")
 EVAL_METHODS = ("zero_shot", "many_shot_gold", "many_shot_icm",
-                "many_shot_random", "bootstrap_consistent",
+                "many_shot_random", "many_shot_inverted",
+                "bootstrap_consistent",
                 "icm_no_consistency", "finetune_gold", "finetune_icm",
                 "finetune_random")
 # icm_no_consistency is not a default: it is a second search per seed.

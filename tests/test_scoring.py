@@ -214,12 +214,13 @@ def test_growing_labelled_set_compiles_once_per_bucket(params, mode, shared):
       mode, rows_per_chunk=8, min_seq_len=64, prefix_sharing=shared))
   labels = -np.ones(64, np.int32)
   shapes = set()
-  for k in range(8, 65):
+  sizes = range(8, 65, 3)  # every third size still crosses every bucket
+  for k in sizes:
     labels[:k] = np.arange(k) % 2
     scorer.score(labels)
     shapes.add(scorer.last_shape)
-  # Buckets, not steps: 57 evaluations, one compilation per distinct shape.
-  assert scorer.trace_count == len(shapes) < 57
+  # Buckets, not steps: one compilation per distinct shape, fewer than calls.
+  assert scorer.trace_count == len(shapes) < len(sizes)
   # Each dimension takes at most two bucket values per power of two, and as
   # the set grows monotonically, every new shape moves some dimension on.
   dims = [sorted(set(d)) for d in zip(*shapes)]

@@ -24,9 +24,10 @@ _REQUIRED_KEYS = ("iteration", "U")
 
 
 def plot_accuracy_bars(results: Sequence[MethodResult], path: str,
-                       title: str = "", metric: str = "accuracy") -> str:
+                       title: str = "", metric: str = "accuracy",
+                       chance: float = 0.5, ylabel: str = "") -> str:
   """One bar per method: `metric`'s mean over its seeds, with a ±1 sd error
-  bar where a method has several seeds; chance (0.5) dashed.
+  bar where a method has several seeds; `chance` dashed.
 
   The number of test examples goes in the axis label (per bar when methods
   were measured on different numbers). Returns `path`.
@@ -58,20 +59,22 @@ def plot_accuracy_bars(results: Sequence[MethodResult], path: str,
                        bar.get_height() + err),
                 xytext=(0, 3), textcoords="offset points", ha="center",
                 va="bottom", fontsize=8)
-  ax.axhline(0.5, color="gray", linestyle="--", linewidth=1, label="chance")
-  label = "consistent accuracy" if metric != "accuracy" else "accuracy"
+  ax.axhline(chance, color="gray", linestyle="--", linewidth=1,
+             label="chance")
+  label = ylabel or ("test consistent accuracy" if metric != "accuracy" else
+                     "test accuracy")
   seeds = max(len(r.seeds) for r in rows)
   detail = [f"mean ± sd, {seeds} seeds"] if seeds > 1 else []
   sizes = sorted({r.num_examples for r in rows})
   if len(sizes) == 1:
     ax.set_xticks(range(len(rows)), names, rotation=20, ha="right")
     detail.append(f"n = {sizes[0]}")
-    ax.set_ylabel(f"test {label}\n({'; '.join(detail)})")
+    ax.set_ylabel(f"{label}\n({'; '.join(detail)})")
   else:
     ax.set_xticks(range(len(rows)),
                   [f"{r.method}\n(n = {r.num_examples})" for r in rows],
                   rotation=20, ha="right")
-    ax.set_ylabel(f"test {label}" + (f"\n({detail[0]})" if detail else ""))
+    ax.set_ylabel(label + (f"\n({detail[0]})" if detail else ""))
   ax.set_ylim(0.0, 1.1)
   ax.legend(loc="upper left", fontsize=8)
   if title:

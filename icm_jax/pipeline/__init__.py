@@ -151,10 +151,13 @@ def run(config: ml_collections.ConfigDict, workdir: str,
                       icm={str(seed): _icm_summary(
                           inputs, label_sets.get(("icm", seed)))
                            for seed in cfg.seeds})
-      run_eval_stage(cfg, inputs, model, mesh, workdir, label_sets,
-                     finetuned_on, writer, events, metadata)
+      report = run_eval_stage(cfg, inputs, model, mesh, workdir, label_sets,
+                              finetuned_on, writer, events, metadata)
       log.info("eval stage: %.1f s", time.perf_counter() - t)
       outputs["report"] = storage.join(workdir, "report.json")
+      if "label_accuracy" in report:
+        outputs["label_accuracy_plot"] = storage.join(workdir,
+                                                      "label_accuracy.png")
       outputs["accuracy_plot"] = storage.join(workdir, "accuracy.png")
   if writer:
     files = trajectory_files(storage.join(workdir, LABEL_DIR))

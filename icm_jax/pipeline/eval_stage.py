@@ -5,36 +5,51 @@ Test metrics against gold (`evaluation.report`) of:
   many_shot_gold / many_shot_icm / many_shot_random: the same demonstrations
       in the same order (as many train examples as fit `eval.max_context`),
       labelled with gold, ICM or coin-flip labels;
+  many_shot_inverted: the same, labelled with gold flipped: the control
+      that says whether many-shot accuracy tells good labels from bad
+      (`label_accuracy.separation`, in the report as "separation");
   icm_no_consistency: many-shot with the labels of the same search run
       without consistency (the ablation; label stage variant);
   bootstrap_consistent: many-shot with the labels of the bootstrap +
       consistency baseline (`evaluation.bootstrap`, eval.bootstrap_rounds);
   finetune_gold / finetune_icm / finetune_random: the base model fine-tuned
       on those labels, then prompted zero-shot.
-ICM-derived rows and many_shot_random get one row per label seed. Writes
-`report.json` and `accuracy.png` to the workdir.
+ICM-derived rows and many_shot_random get one row per label seed.
+
+With train gold, the report also carries "label_accuracy": the agreement of
+every method's train labels with train gold (`evaluation.label_accuracy`;
+ICM per seed, bootstrap per round, coin flips, zero-shot decoded
+group-consistently) beside a random consistent labelling's level. Writes
+`report.json`, `accuracy.png` and `label_accuracy.png` to the workdir.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
 from icm_jax import storage
 from icm_jax.evaluation.bootstrap import bootstrap_labels
+from icm_jax.evaluation.decoding import group_consistent_labels
+from icm_jax.evaluation.label_accuracy import (chance_agreement,
+                                               format_label_table, label_row,
+                                               separation)
 from icm_jax.evaluation.prompting import (label_log_probs,
                                           select_demonstrations)
 from icm_jax.evaluation.report import (MethodResult, format_table,
-                                       method_result, write_report)
+                                       method_result, summarize, write_report)
 from icm_jax.pipeline.inputs import Inputs, Model, example_tokens, gold_of
+from icm_jax.tasks import Example
 from icm_jax.run_config import SEEDED_METHODS, RunConfig
 
 log = logging.getLogger(__name__)
 
 REPORT_FILE = "report.json"
 ACCURACY_PLOT = "accuracy.png"
+LABEL_ACCURACY_PLOT = "label_accuracy.png"
 
 
 # (label variant, seed) -> id -> label (None where the search left it).
@@ -55,7 +70,8 @@ def demo_candidates(cfg: RunConfig, inputs: Inputs,
                     label_sets: Optional[LabelSets]) -> List[int]:
   """Train indices usable as demonstrations by every requested many-shot
   method, in a seeded order (labels do not influence which are chosen)."""
-  need_gold = "many_shot_gold" in cfg.eval_methods
+  need_gold = bool({"many_shot_gold", "many_shot_inverted"} &
+                   set(cfg.eval_methods))
   variants = needed_variants(
       [m for m in cfg.eval_methods if not m.startswith("finetune_")],
       inputs.task.consistency)
@@ -123,10 +139,13 @@ def run_eval_stage(cfg: RunConfig, inputs: Inputs, model: Model, mesh,
     labels = label_sets[(variant, seed)]
     return [labels[inputs.train[d].id] for d in demos()]
 
+  train_labels = {}  # method -> [(seed, labels of every train claim)]
+
   results: List[MethodResult] = []
   skipped = {}
   for method in cfg.eval_methods:
-    if method.endswith("_gold") and train_gold_missing:
+    if (method.endswith("_gold") or method == "many_shot_inverted") and (
+        train_gold_missing):
       skipped[method] = "the train split lacks gold labels"
     elif (method == "icm_no_consistency" and
           inputs.task.consistency == "none"):
@@ -140,9 +159,10 @@ def run_eval_stage(cfg: RunConfig, inputs: Inputs, model: Model, mesh,
                "" if seed is None else f" (seed {seed})", len(queries))
       if method == "zero_shot":
         results.append(row(method, model.params))
-      elif method == "many_shot_gold":
-        results.append(row(method, model.params,
-                           [inputs.train[d].gold for d in demos()]))
+      elif method in ("many_shot_gold", "many_shot_inverted"):
+        results.append(row(method, model.params, gold_demo_labels(
+            [inputs.train[d] for d in demos()],
+            inverted=method == "many_shot_inverted")))
       elif method in ("many_shot_icm", "icm_no_consistency"):
         results.append(row(method, model.params,
                            labels_of(_VARIANT_OF[method], seed), seed))
@@ -152,6 +172,7 @@ def run_eval_stage(cfg: RunConfig, inputs: Inputs, model: Model, mesh,
       elif method == "bootstrap_consistent":
         labels, agreement = _bootstrap(cfg, inputs, model, tokens, common,
                                        max_context)
+        train_labels[method] = [(None, [int(l) for l in labels])]
         results.append(row(method, model.params,
                            [int(labels[d]) for d in demos()],
                            train_gold_agreement_by_round=agreement))
@@ -165,19 +186,77 @@ def run_eval_stage(cfg: RunConfig, inputs: Inputs, model: Model, mesh,
         tag = method if seed is None else f"{method}/seed_{seed}"
         events.scalar(f"eval/{tag}", results[-1].accuracy, 0)
   log.info("test metrics:\n%s", format_table(results))
+  headline = headline_metric(inputs.task.consistency)
   report = dict(metadata or {}, num_test=len(inputs.test),
                 num_train=len(inputs.train), max_context=max_context,
-                consistency=inputs.task.consistency,
-                headline=headline_metric(inputs.task.consistency),
+                consistency=inputs.task.consistency, headline=headline,
                 skipped=skipped)
+  by_method = {r.method: r for r in results if r.seed is None}
+  if {"many_shot_gold", "many_shot_inverted"} <= set(by_method):
+    report["separation"] = separation(by_method["many_shot_gold"],
+                                      by_method["many_shot_inverted"],
+                                      headline)
+    log.info("control: %s", report["separation"]["statement"])
+  label_rows = []
+  if not train_gold_missing:
+    label_rows, chance = _label_accuracy(cfg, inputs, model, tokens, common,
+                                         label_sets, train_labels)
+    report["label_accuracy"] = {
+        "chance_random_consistent": chance,
+        "results": [dataclasses.asdict(r) for r in label_rows],
+        "summary": [dataclasses.asdict(s) for s in summarize(label_rows)]}
+    log.info("train label accuracy (against train gold, for reporting "
+             "only):\n%s", format_label_table(label_rows, chance))
   if write:
     report = write_report(storage.join(workdir, REPORT_FILE), results,
                           **report)
     from icm_jax.evaluation.plots import plot_accuracy_bars
     plot_accuracy_bars(results, storage.join(workdir, ACCURACY_PLOT),
                        title=f"{inputs.task.name}: {model.description}",
-                       metric=headline_metric(inputs.task.consistency))
+                       metric=headline)
+    if label_rows:
+      plot_accuracy_bars(
+          label_rows, storage.join(workdir, LABEL_ACCURACY_PLOT),
+          title=f"train label accuracy: {inputs.task.name}, "
+          f"{model.description}", metric="accuracy",
+          chance=report["label_accuracy"]["chance_random_consistent"],
+          ylabel="agreement with train gold")
   return report
+
+
+def gold_demo_labels(examples: Sequence[Example], inverted: bool = False
+                     ) -> List[int]:
+  """The demonstrations' gold labels, or every one flipped (the control;
+  flipping keeps a comparative labelling consistent)."""
+  return [1 - int(e.gold) if inverted else int(e.gold) for e in examples]
+
+
+def _label_accuracy(cfg: RunConfig, inputs: Inputs, model: Model, tokens,
+                    common, label_sets: Optional[LabelSets],
+                    train_labels: Dict[str, list]):
+  """Rows of train label accuracy and the random consistent level."""
+  train = inputs.train
+  gold = [int(e.gold) for e in train]
+  groups = [e.group for e in train]
+  keys = [e.key for e in train]
+  kind = inputs.task.consistency
+  rows = []
+  for (variant, seed), labels in sorted((label_sets or {}).items(),
+                                        key=lambda kv: (kv[0][0] != "icm",
+                                                        kv[0])):
+    rows.append(label_row(variant, [labels.get(e.id) for e in train], gold,
+                          seed))
+  for method, seeded in train_labels.items():
+    for seed, labels in seeded:
+      rows.append(label_row(method, labels, gold, seed))
+  for seed in cfg.seeds:
+    coins = np.random.default_rng([seed, 3]).integers(0, 2, len(train))
+    rows.append(label_row("coin_flips", coins.tolist(), gold, seed))
+  lf, lt = label_log_probs(model.config, model.params, tokens,
+                           list(range(len(train))), demos=[], **common)
+  rows.append(label_row("zero_shot_consistent", group_consistent_labels(
+      lf, lt, groups, keys, kind).tolist(), gold))
+  return rows, chance_agreement(gold, groups, keys, kind)
 
 
 def headline_metric(consistency: str) -> str:
