@@ -60,6 +60,10 @@ def test_separation_says_when_gold_and_inverted_are_within_noise():
   near = separation(_result("g", 0.70), _result("i", 0.62), "accuracy")
   assert not near["separates"]
   assert "does not separate" in near["statement"]
+  assert "within noise" in near["statement"]
+  wrong_way = separation(_result("g", 0.25), _result("i", 0.75), "accuracy")
+  assert not wrong_way["separates"]
+  assert "inverted labels score higher" in wrong_way["statement"]
   assert near["two_se"] == pytest.approx(
       2 * np.sqrt((0.7 * 0.3 + 0.62 * 0.38) / 64))
 

@@ -95,12 +95,16 @@ def separation(gold: MethodResult, inverted: MethodResult,
   n = gold.num_examples
   se = float(np.sqrt((a * (1 - a) + b * (1 - b)) / n))
   separates = a - b > 2 * se
-  statement = (
-      f"many-shot {metric} separates gold from inverted labels "
-      f"({a:.3f} vs {b:.3f}, gap > 2 SE = {2 * se:.3f})" if separates else
-      f"many-shot {metric} does not separate gold from inverted labels for "
-      f"this model and task ({a:.3f} vs {b:.3f}, within 2 SE = "
-      f"{2 * se:.3f}): do not rank label sources by it")
+  figures = f"gold {a:.3f} vs inverted {b:.3f}, 2 SE = {2 * se:.3f}"
+  if separates:
+    statement = (f"many-shot {metric} separates gold from inverted labels "
+                 f"({figures})")
+  else:
+    why = ("inverted labels score higher" if b - a > 2 * se else
+           "within noise")
+    statement = (f"many-shot {metric} does not separate gold from inverted "
+                 f"labels for this model and task ({why}: {figures}): do "
+                 "not rank label sources by it")
   return {"metric": metric, "gold": a, "inverted": b, "two_se": 2 * se,
           "separates": bool(separates), "statement": statement}
 
