@@ -42,6 +42,23 @@ def smollm2_gguf_path():
     return None
 
 
+def llama_8b_stand_in(folder):
+  """A Llama-3.1-8B checkpoint folder without weights: its config.json from
+  the preset and SmolLM2's tokenizer (what `--check_only` reads)."""
+  import json
+  from transformers import AutoTokenizer
+  from icm_jax.model import LlamaConfig
+  from icm_jax.model.presets import PRESETS
+  folder.mkdir()
+  (folder / "config.json").write_text(json.dumps(
+      LlamaConfig(**PRESETS["llama-3.1-8b"]).to_hf_config(dtype="bfloat16")))
+  gguf = smollm2_gguf_path()
+  AutoTokenizer.from_pretrained(os.path.dirname(gguf),
+                                gguf_file=os.path.basename(gguf)
+                                ).save_pretrained(str(folder))
+  return folder
+
+
 @pytest.fixture(scope="session")
 def smollm2():
   """(config, params, tokenizer) of SmolLM2-135M-Instruct, float32, loaded once."""

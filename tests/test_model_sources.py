@@ -17,7 +17,7 @@ import torch
 from fake_hub import FakeHub
 from test_checkpoints import (TIED_MQA, last_dim_shardings, make_torch_model,
                               tiny_tokenizer, tree_allclose, write_tiny_gguf)
-from conftest import smollm2_gguf_path
+from conftest import llama_8b_stand_in
 from test_cli import CLAIMS, icm_jax, write_jsonl
 from test_storage import fake_gcs  # noqa: F401  (fixture)
 from icm_jax import storage
@@ -163,18 +163,8 @@ def test_checks_run_before_the_weights_download(hub, tmp_path):
   """--check_only on a Hub id fetches config and tokenizer, never weights:
   a Llama-3.1-8B-shaped repo (SmolLM2's tokenizer) whose weights file is
   junk passes every check."""
-  from transformers import AutoTokenizer
-  from icm_jax.model import LlamaConfig
-  from icm_jax.model.presets import PRESETS
   fake, _, _ = hub
-  repo = tmp_path / "llama_8b"
-  repo.mkdir()
-  (repo / "config.json").write_text(json.dumps(
-      LlamaConfig(**PRESETS["llama-3.1-8b"]).to_hf_config(dtype="bfloat16")))
-  gguf = smollm2_gguf_path()
-  AutoTokenizer.from_pretrained(os.path.dirname(gguf),
-                                gguf_file=os.path.basename(gguf)
-                                ).save_pretrained(str(repo))
+  repo = llama_8b_stand_in(tmp_path / "llama_8b")
   (repo / "model.safetensors").write_bytes(b"never fetched")
   fake.add("icm-test/llama-8b-shaped", str(repo))
   write_jsonl(tmp_path / "claims.jsonl", [{"claim": c} for c, _ in CLAIMS])

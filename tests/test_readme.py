@@ -19,7 +19,7 @@ import sys
 
 import pytest
 
-from conftest import smollm2_gguf_path
+from conftest import llama_8b_stand_in, smollm2_gguf_path
 from task_data import shared_file
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -61,17 +61,7 @@ def stand_ins(tmp_path_factory):
       json.dumps({"claim": c, "label": l}) + "\n" for c, l in [
           ("Paris is the capital of France.", True),
           ("The Sun rises in the west.", False)] * 5))
-  from transformers import AutoTokenizer
-  from icm_jax.model import LlamaConfig
-  from icm_jax.model.presets import PRESETS
-  llama = root / "Meta-Llama-3.1-8B"
-  llama.mkdir()
-  (llama / "config.json").write_text(json.dumps(
-      LlamaConfig(**PRESETS["llama-3.1-8b"]).to_hf_config(dtype="bfloat16")))
-  gguf = smollm2_gguf_path()
-  AutoTokenizer.from_pretrained(os.path.dirname(gguf),
-                                gguf_file=os.path.basename(gguf)
-                                ).save_pretrained(str(llama))
+  llama = llama_8b_stand_in(root / "Meta-Llama-3.1-8B")
   # Their bucket (gs://my-bucket/ -> a local folder, below) holds a copy.
   import shutil
   shutil.copytree(llama, root / "bucket" / "models" / "llama-3.1-8b")

@@ -53,3 +53,37 @@ def test_bfloat16_params_train_float32_master_weights(tmp_path):
   rounded_back = [np.asarray(jnp.asarray(new).astype(jnp.bfloat16) == old)
                   for new, old in zip(leaves, jax.tree.leaves(stored))]
   assert np.mean(np.concatenate([r.ravel() for r in rounded_back])) > 0.5
+
+
+def test_lora_keeps_a_bfloat16_base_in_bfloat16(tmp_path):
+  """With LoRA the pipeline does not upcast the frozen base: the adapters
+  are float32, the merged result stays in the stored bf16."""
+  from icm_jax.checkpoints import load_tokenizer
+  config = default_config()
+  config.task.name = "truthfulqa"
+  config.model.path = "unused"
+  config.train.learning_rate = 1e-3
+  config.train.warmup_steps = 0
+  config.train.batch_size = 8
+  config.train.num_epochs = 1
+  config.train.checkpoint_every = 0
+  config.train.lora_rank = 4
+  config.log.progress = False
+  cfg = parse_config(config)
+  arch = LlamaConfig(vocab_size=49152, hidden_size=32, intermediate_size=64,
+                     num_layers=1, num_heads=4, num_kv_heads=2, head_dim=8,
+                     max_position_embeddings=512, tie_word_embeddings=True,
+                     param_dtype="bfloat16")
+  stored = jax.tree.map(lambda x: x.astype(jnp.bfloat16),
+                        init_params(arch, jax.random.key(0)))
+  model = Model(arch, stored, load_tokenizer(smollm2_gguf_path()), "tiny")
+  task = get_task("truthfulqa")
+  examples = load_examples(task, bundled_path("truthfulqa", "train"))[:16]
+  result = finetune(cfg, task, model, create_mesh(cfg.mesh), examples,
+                    np.array([e.gold for e in examples]), "gold",
+                    str(tmp_path))
+  assert result.steps == 2
+  assert {x.dtype for x in jax.tree.leaves(result.params)} == {
+      jnp.dtype(jnp.bfloat16)}
+  assert {x.dtype for x in jax.tree.leaves(result.adapters)} == {
+      jnp.dtype(jnp.float32)}
