@@ -40,11 +40,13 @@ def get_config():
   # labellings.
   config.search.max_iterations = 24
   # alpha only scales U against the temperature here (the hard fix keeps
-  # I = 0). At the paper's 50, SmolLM2's steps move U by a median 0.44 while
-  # T stays above 1.4 for the whole run, so 3 in 4 worse steps are taken (a
-  # random walk); at 1000 the median step is ~9: exploratory at T0 = 10,
-  # nearly greedy by the end. Chosen from U's scale, not from any labels.
-  config.search.alpha = 1000.0
+  # I = 0), so it is set from the search's own step scale, label-free:
+  # alpha = T0 / median |dP| over one flipped pair per group of the initial
+  # labels (search.alpha_rule docs; the value is in the log and summary.json).
+  # A median worse step is then taken with p = 1/e at T0 = 10 and rarely once
+  # T has fallen. The paper's fixed 50 moved U by a median 0.44 per step with
+  # T above 1.4 all run: a random walk.
+  config.search.alpha_rule = "step_spread"
   # many_shot_inverted (gold flipped) is the control that says whether
   # many-shot accuracy tells good labels from bad here at all.
   config.eval.methods = ("zero_shot,many_shot_gold,many_shot_inverted,"

@@ -5,8 +5,9 @@
       --config.model.path=/models/Meta-Llama-3.1-8B \
       --config.data.test=/data/icm/test_gsm8k.json
 
---config takes a config file, or the name of a shipped one (demo, custom,
-gsm8k, truthfulqa, alpaca, tiny, truthfulqa_demo; `icm_jax/configs/`),
+--config takes a config file, or the name of a shipped one (demo,
+demo_full, custom, gsm8k, truthfulqa, alpaca, tiny, truthfulqa_demo;
+`icm_jax/configs/`),
 optionally with `:PRESET` (a model preset such as llama3.1-8b). Every key
 is listed in the README's config reference.
 """
@@ -23,8 +24,8 @@ from typing import List, Optional, Sequence
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-SHIPPED_CONFIGS = ("alpaca", "custom", "demo", "gsm8k", "tiny", "truthfulqa",
-                   "truthfulqa_demo")
+SHIPPED_CONFIGS = ("alpaca", "custom", "demo", "demo_full", "gsm8k", "tiny",
+                   "truthfulqa", "truthfulqa_demo")
 # A gs:// probe without credentials warns once per metadata-server retry;
 # the probe's own one-line error says what happened.
 _ERROR_ONLY_LOGGERS = ("google.auth", "google.auth.compute_engine._metadata")

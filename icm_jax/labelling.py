@@ -52,6 +52,7 @@ class BatchReport:
   score_seconds: float   # inside the scoring call, this process
   score_calls: int
   gold_agreement: Optional[float]
+  alpha: float           # U(D)'s alpha (search.alpha_rule)
 
   @property
   def host_share(self) -> float:
@@ -204,7 +205,7 @@ def _report(b, result: SearchResult, setup, build, gold) -> BatchReport:
                      result.utility, result.inconsistency, int(labelled.sum()),
                      setup + build, result.total_seconds - build,
                      result.score_seconds - build, result.score_calls,
-                     agreement)
+                     agreement, result.alpha)
 
 
 def _write_outputs(workdir, run: ICMRun, batches, examples):

@@ -44,10 +44,12 @@ EVAL_METHODS = ("zero_shot", "many_shot_gold", "many_shot_icm",
                 "many_shot_random", "many_shot_inverted",
                 "bootstrap_consistent",
                 "icm_no_consistency", "finetune_gold", "finetune_icm",
-                "finetune_random")
-# icm_no_consistency is not a default: it is a second search per seed.
+                "finetune_random", "finetune_inverted")
+# Not defaults: icm_no_consistency is a second search per seed, and
+# finetune_inverted a fourth fine-tune (the control of the fine-tuning rows).
 DEFAULT_EVAL_METHODS = tuple(m for m in EVAL_METHODS
-                             if m != "icm_no_consistency")
+                             if m not in ("icm_no_consistency",
+                                          "finetune_inverted"))
 # Methods whose row is measured once per label seed.
 SEEDED_METHODS = ("many_shot_icm", "many_shot_random", "icm_no_consistency",
                   "finetune_icm")

@@ -2,6 +2,7 @@
 hand counts, brute force over every consistent labelling for the chance
 level, and the eval stage's own demonstrations for the control row."""
 
+import dataclasses
 import itertools
 
 import numpy as np
@@ -84,7 +85,8 @@ def test_control_row_is_shown_exactly_the_inverted_gold(monkeypatch,
   config = shipped_config("tiny")
   config.task.name = "sentiment"
   config.seeds = "0,1"
-  config.eval.methods = "many_shot_gold,many_shot_inverted,many_shot_random"
+  config.eval.methods = ("many_shot_gold,many_shot_inverted,many_shot_random,"
+                         "finetune_gold,finetune_inverted")
   cfg = parse_config(config)
   inputs = load_inputs(cfg)
   mesh = create_mesh(cfg.mesh)
@@ -98,8 +100,14 @@ def test_control_row_is_shown_exactly_the_inverted_gold(monkeypatch,
     return np.zeros(len(queries)), np.full(len(queries), 0.1)
 
   monkeypatch.setattr(eval_stage, "label_log_probs", recorder)
+  sources = []
+
+  def finetuned(source, seed):
+    sources.append((source, seed))
+    return {"fine-tuned on": source}
   report = eval_stage.run_eval_stage(cfg, inputs, model, mesh, str(tmp_path),
-                                     None, None, write=True)
+                                     None, finetuned, write=True)
+  assert sources == [("gold", None), ("inverted", None)]
   (demos, gold, _), (same, inverted, _) = calls[:2]
   assert same == demos and len(demos) > 4
   assert gold == [inputs.train[d].gold for d in demos]
@@ -113,4 +121,25 @@ def test_control_row_is_shown_exactly_the_inverted_gold(monkeypatch,
   assert report["label_accuracy"]["chance_random_consistent"] == 0.5
   # Both rows score alike under the recorder: within noise, and said so.
   assert report["separation"]["separates"] is False
+  assert report["separation"]["statement"].startswith("many-shot")
+  assert report["separation_finetune"]["separates"] is False
+  assert report["separation_finetune"]["statement"].startswith("fine-tuned")
   assert (tmp_path / "label_accuracy.png").exists()
+
+
+def test_finetune_inverted_trains_on_exactly_the_flipped_gold():
+  """The fine-tuning control's targets: every gold label flipped, over the
+  same claims gold trains on (not gold, not coin flips)."""
+  from icm_jax.pipeline.train_stage import training_labels
+  from icm_jax.tasks import bundled_path, get_task, load_examples
+
+  train = load_examples(get_task("sentiment"),
+                        bundled_path("sentiment", "train"))[:24]
+  train[3] = dataclasses.replace(train[3], gold=None)  # no gold: left out
+  gold_examples, gold = training_labels("gold", train, None, seed=0)
+  inv_examples, inverted = training_labels("inverted", train, None, seed=0)
+  assert [e.id for e in inv_examples] == [e.id for e in gold_examples]
+  assert len(gold_examples) == 23
+  np.testing.assert_array_equal(inverted, 1 - gold)
+  _, coins = training_labels("random", train, None, seed=0)
+  assert not np.array_equal(inverted[:23], coins[:23])

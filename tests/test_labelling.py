@@ -36,7 +36,11 @@ def read_jsonl(path):
     return [json.loads(line) for line in f]
 
 
-def test_gold_labels_never_reach_the_search(tmp_path, smollm2_tokenizer):
+@pytest.mark.parametrize("alpha_rule", ["fixed", "step_spread"])
+def test_gold_labels_never_reach_the_search(tmp_path, smollm2_tokenizer,
+                                            alpha_rule):
+  """Gold deleted or shuffled: the same search, step for step, the
+  step_spread alpha included (it must be computed without gold)."""
   task = get_task("truthfulqa")
   records = truthfulqa_records(64)
   truth = {e.prompt: e.gold for e in task.examples(records, "train.json")}
@@ -55,7 +59,8 @@ def test_gold_labels_never_reach_the_search(tmp_path, smollm2_tokenizer):
     runs[name] = run_icm(
         examples, task=task, tokenizer=smollm2_tokenizer,
         scorer_factory=planted_factory(truth),
-        search=SearchConfig(max_iterations=150, seed=5), batch_size=32,
+        search=SearchConfig(max_iterations=150, seed=5,
+                            alpha_rule=alpha_rule), batch_size=32,
         workdir=str(tmp_path / name), progress=False)
   assert len(runs["gold"].batches) == 2
 
@@ -66,7 +71,13 @@ def test_gold_labels_never_reach_the_search(tmp_path, smollm2_tokenizer):
         m.pop("gold_agreement", None)
         out.append(m)
     return out
+  alphas = [b.alpha for b in runs["gold"].batches]
+  if alpha_rule == "fixed":
+    assert alphas == [50.0, 50.0]
+  else:
+    assert all(a != 50.0 for a in alphas)
   for name in ("no_labels", "shuffled"):
+    assert [b.alpha for b in runs[name].batches] == alphas
     assert np.array_equal(runs[name].labels, runs["gold"].labels)
     assert trajectory(name) == trajectory("gold")
   # Gold shows up only in the report, and only when there is gold.

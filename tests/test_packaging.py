@@ -15,9 +15,9 @@ def test_the_wheel_ships_configs_data_licence_and_the_command(tmp_path):
                  check=True, capture_output=True, timeout=300)
   (wheel,) = [f for f in os.listdir(tmp_path) if f.endswith(".whl")]
   names = set(zipfile.ZipFile(tmp_path / wheel).namelist())
-  shipped = {f"icm_jax/configs/{n}.py" for n in (
-      "demo", "custom", "gsm8k", "truthfulqa", "alpaca", "tiny",
-      "truthfulqa_demo")}
+  from icm_jax.cli import SHIPPED_CONFIGS
+  assert {"demo", "demo_full", "tiny"} <= set(SHIPPED_CONFIGS)
+  shipped = {f"icm_jax/configs/{n}.py" for n in SHIPPED_CONFIGS}
   shipped |= {"icm_jax/configs/examples/claims_train.jsonl",
               "icm_jax/configs/examples/claims_test.jsonl",
               "icm_jax/tasks/data/sentiment/train_sentiment.json",

@@ -125,7 +125,9 @@ def test_temperature_schedules():
                                  dict(final_temperature=20.0),
                                  dict(consistency_fix_rounds=-1),
                                  dict(fix="greedy"),
-                                 dict(fix_pairs_per_call=0)])
+                                 dict(fix_pairs_per_call=0),
+                                 dict(alpha_rule="auto"),
+                                 dict(calibration_steps=0)])
 def test_bad_config_names_the_key(bad):
   key = next(iter(bad))
   with pytest.raises(ValueError, match=f"search.{key}"):
@@ -271,8 +273,30 @@ def test_resume_after_kill_gives_the_uninterrupted_labels(tmp_path):
     assert state["iteration"] == kill_at // 7 * 7 and not state["done"]
   resumed = launch(tmp_path / "resumed", 0)
   assert resumed.returncode == 0, resumed.stderr
-  for name in ("labels.jsonl", "metrics.jsonl"):
+  # search_state.json holds the score cache too: a resumed run that dropped
+  # it (or reordered it) ends with other rows in it.
+  for name in ("labels.jsonl", "metrics.jsonl", "search_state.json"):
     assert read(tmp_path / "full" / name) == read(tmp_path / "resumed" / name)
+
+
+def test_score_cache_changes_calls_not_decisions(tmp_path):
+  """A scorer row is computed once: the same metrics, byte for byte, with
+  the cache off, tiny (evictions) or default, and fewer scorer calls."""
+  runs = {}
+  for size in (0, 3, 64):
+    search = small_search(score_cache=size)
+    result = search.run(str(tmp_path / str(size)), progress=False)
+    runs[size] = (result.score_calls,
+                  read(tmp_path / str(size) / "metrics.jsonl"))
+    state = json.loads(read(tmp_path / str(size) / "search_state.json"))
+    assert len(state["score_cache"]) == (size if size < 20 else
+                                         len(state["score_cache"]))
+    assert 0 < len(state["score_cache"]) <= size or size == 0
+  assert runs[0][1] == runs[3][1] == runs[64][1]
+  print("scorer calls with cache 0 / 3 / 64:",
+        [runs[k][0] for k in (0, 3, 64)])
+  assert runs[64][0] < runs[3][0] <= runs[0][0]
+  assert runs[64][0] <= 0.8 * runs[0][0]
 
 
 def test_resume_refuses_a_different_config(tmp_path):

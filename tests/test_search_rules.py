@@ -425,3 +425,89 @@ def test_hard_fix_refuses_a_group_too_large_to_enumerate():
   with pytest.raises(ValueError, match="search.fix='hard'.*14"):
     ICMSearch(constant(np.zeros(14)), cons, SearchConfig(fix="hard"))
   ICMSearch(constant(np.zeros(14)), cons, SearchConfig(fix="official"))
+
+
+# -- the label-free alpha rule (search.alpha_rule="step_spread") ---------------
+
+@pytest.mark.parametrize("kind", ["comparative", "none"])
+def test_step_spread_alpha_is_t0_over_the_median_step(kind):
+  """alpha = T0 / median |Delta P| over one neighbour per consistency group,
+  each recomputed here by plain loops from the scorer; U uses that alpha.
+  Comparative: 7 pairs, the hard fix flips the twin too; none: 14 claims,
+  each its own group, a neighbour is one flipped label."""
+  n = 14
+  if kind == "comparative":
+    groups, keys = pairs_structure(n // 2)
+  else:
+    groups, keys = [str(k) for k in range(n)], [None] * n
+  truth = np.tile([1, 0], n // 2)
+  scorer = PlantedScorer(truth, signal=0.8, herd=0.5, noise=0.6, seed=2)
+  num_groups = len(set(groups))
+  cfg = SearchConfig(seed=4, initial_size=n, max_iterations=6,
+                     alpha_rule="step_spread", calibration_steps=num_groups,
+                     initial_temperature=7.0)
+  result = ICMSearch(scorer, Consistency.build(groups, keys, kind),
+                     cfg).run(progress=False)
+  init = ICMSearch(scorer, Consistency.build(groups, keys, kind),
+                   dataclasses.replace(cfg, alpha_rule="fixed")
+                   ).initial_state().labels
+
+  def p(labels):  # P(D) of a consistent labelling, by plain loops
+    return naive_utility(scorer, labels, groups, keys, "none", 1.0)
+  deltas = []
+  for g in sorted(set(groups)):
+    neighbour = init.copy()
+    members = [k for k in range(n) if groups[k] == g]
+    neighbour[members] = 1 - neighbour[members]
+    deltas.append(abs(p(neighbour) - p(init)))
+  expected = cfg.initial_temperature / np.median(deltas)
+  assert result.alpha == pytest.approx(expected, rel=1e-4)
+  assert result.alpha != pytest.approx(cfg.alpha)
+  assert result.utility == pytest.approx(
+      naive_utility(scorer, result.labels, groups, keys, kind, expected),
+      rel=1e-4, abs=1e-4)
+
+
+def test_step_spread_uses_at_most_calibration_steps_neighbours():
+  """Each neighbour costs a U(D) call without the score cache: 3 asked for,
+  3 scored (of 8 groups)."""
+  groups, keys = pairs_structure(8)
+  truth = np.tile([1, 0], 8)
+  calls = {}
+  for rule in ("fixed", "step_spread"):
+    scorer = PlantedScorer(truth, seed=0)
+    ICMSearch(scorer, Consistency.build(groups, keys, "comparative"),
+              SearchConfig(seed=1, initial_size=16, max_iterations=1,
+                           alpha_rule=rule, calibration_steps=3,
+                           score_cache=0)
+              ).initial_state()
+    calls[rule] = scorer.calls
+  assert calls["step_spread"] - calls["fixed"] == 3
+
+
+def test_step_spread_alpha_is_kept_on_resume(tmp_path):
+  """A resumed run scores with the checkpoint's alpha, so it writes the same
+  metrics as one never interrupted (config.alpha would change every U)."""
+  groups, keys = pairs_structure(8)
+  truth = np.tile([1, 0], 8)
+
+  def search(iterations):
+    return ICMSearch(
+        PlantedScorer(truth, signal=0.8, herd=0.5, noise=0.6, seed=1),
+        Consistency.build(groups, keys, "comparative"),
+        SearchConfig(seed=2, initial_size=16, max_iterations=iterations,
+                     checkpoint_every=5, alpha_rule="step_spread"))
+  full = search(30).run(str(tmp_path / "full"), progress=False)
+  search(15).run(str(tmp_path / "resumed"), progress=False)
+  state = json.loads((tmp_path / "resumed" / "search_state.json").read_text())
+  assert state["alpha"] == pytest.approx(full.alpha, rel=1e-12)
+  resumed = search(30).run(str(tmp_path / "resumed"), progress=False)
+  assert resumed.alpha == full.alpha
+  for name in ("labels.jsonl", "metrics.jsonl"):
+    assert ((tmp_path / "full" / name).read_bytes()
+            == (tmp_path / "resumed" / name).read_bytes())
+  metrics = [json.loads(l) for l in
+             (tmp_path / "full" / "metrics.jsonl").read_text().splitlines()]
+  assert metrics[0]["alpha"] == full.alpha
+  for m in metrics:
+    assert m["U"] == pytest.approx(full.alpha * m["P"] - m["I"], rel=1e-6)

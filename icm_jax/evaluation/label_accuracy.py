@@ -87,22 +87,23 @@ def format_label_table(rows: Sequence[MethodResult], chance: float) -> str:
 
 def separation(gold: MethodResult, inverted: MethodResult,
                metric: str) -> dict:
-  """Does the downstream metric tell gold demonstrations from inverted
-  ones? It does when their gap exceeds twice the standard error of a
+  """Does the downstream metric tell gold labels from inverted ones
+  (many-shot demonstrations, or fine-tuning targets)? It does when their gap exceeds twice the standard error of a
   difference of two accuracies on these test claims (binomial, treated as
   independent samples: conservative for the paired claims)."""
   a, b = getattr(gold, metric), getattr(inverted, metric)
   n = gold.num_examples
   se = float(np.sqrt((a * (1 - a) + b * (1 - b)) / n))
   separates = a - b > 2 * se
+  what = "fine-tuned" if gold.method.startswith("finetune_") else "many-shot"
   figures = f"gold {a:.3f} vs inverted {b:.3f}, 2 SE = {2 * se:.3f}"
   if separates:
-    statement = (f"many-shot {metric} separates gold from inverted labels "
+    statement = (f"{what} {metric} separates gold from inverted labels "
                  f"({figures})")
   else:
     why = ("inverted labels score higher" if b - a > 2 * se else
            "within noise")
-    statement = (f"many-shot {metric} does not separate gold from inverted "
+    statement = (f"{what} {metric} does not separate gold from inverted "
                  f"labels for this model and task ({why}: {figures}): do "
                  "not rank label sources by it")
   return {"metric": metric, "gold": a, "inverted": b, "two_se": 2 * se,

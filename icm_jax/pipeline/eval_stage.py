@@ -12,8 +12,10 @@ Test metrics against gold (`evaluation.report`) of:
       without consistency (the ablation; label stage variant);
   bootstrap_consistent: many-shot with the labels of the bootstrap +
       consistency baseline (`evaluation.bootstrap`, eval.bootstrap_rounds);
-  finetune_gold / finetune_icm / finetune_random: the base model fine-tuned
-      on those labels, then prompted zero-shot.
+  finetune_gold / finetune_icm / finetune_random / finetune_inverted: the
+      base model fine-tuned on those labels, then prompted zero-shot
+      (finetune_inverted, gold flipped, is the fine-tuning rows' control:
+      "separation_finetune" in the report).
 ICM-derived rows and many_shot_random get one row per label seed.
 
 With train gold, the report also carries "label_accuracy": the agreement of
@@ -144,7 +146,7 @@ def run_eval_stage(cfg: RunConfig, inputs: Inputs, model: Model, mesh,
   results: List[MethodResult] = []
   skipped = {}
   for method in cfg.eval_methods:
-    if (method.endswith("_gold") or method == "many_shot_inverted") and (
+    if (method.endswith("_gold") or method.endswith("_inverted")) and (
         train_gold_missing):
       skipped[method] = "the train split lacks gold labels"
     elif (method == "icm_no_consistency" and
@@ -192,11 +194,12 @@ def run_eval_stage(cfg: RunConfig, inputs: Inputs, model: Model, mesh,
                 consistency=inputs.task.consistency, headline=headline,
                 skipped=skipped)
   by_method = {r.method: r for r in results if r.seed is None}
-  if {"many_shot_gold", "many_shot_inverted"} <= set(by_method):
-    report["separation"] = separation(by_method["many_shot_gold"],
-                                      by_method["many_shot_inverted"],
-                                      headline)
-    log.info("control: %s", report["separation"]["statement"])
+  for prefix, key in (("many_shot", "separation"),
+                      ("finetune", "separation_finetune")):
+    if {f"{prefix}_gold", f"{prefix}_inverted"} <= set(by_method):
+      report[key] = separation(by_method[f"{prefix}_gold"],
+                               by_method[f"{prefix}_inverted"], headline)
+      log.info("control: %s", report[key]["statement"])
   label_rows = []
   if not train_gold_missing:
     label_rows, chance = _label_accuracy(cfg, inputs, model, tokens, common,

@@ -1,7 +1,9 @@
 """Stage 2: fine-tune the base model on a set of labels for the train split.
 
 Label sources: "icm" (the label stage's output), "gold" (the dataset's labels,
-a baseline) and "random" (seeded coin flips, the floor). Each run lives in
+a baseline), "random" (seeded coin flips, the floor) and "inverted" (gold
+flipped: the control that says whether fine-tuned accuracy tells good labels
+from bad). Each run lives in
 `<workdir>/train_<source>/` (orbax checkpoints, train_metrics.jsonl) and
 resumes there; a finished run is not retrained, so the eval stage can ask for
 the same fine-tuned params again cheaply. The ICM model is also exported as
@@ -27,7 +29,7 @@ from icm_jax.training import TrainResult, train
 
 log = logging.getLogger(__name__)
 
-LABEL_SOURCES = ("icm", "gold", "random")
+LABEL_SOURCES = ("icm", "gold", "random", "inverted")
 EXPORT_DIR = "model_icm"
 
 
@@ -54,9 +56,9 @@ def training_labels(source: str, examples: Sequence[Example],
                        "was it run on other data?")
     chosen = [e for e in examples if icm_labels[e.id] is not None]
     labels = [icm_labels[e.id] for e in chosen]
-  elif source == "gold":
+  elif source in ("gold", "inverted"):
     chosen = [e for e in examples if e.gold is not None]
-    labels = [e.gold for e in chosen]
+    labels = [e.gold if source == "gold" else 1 - e.gold for e in chosen]
   elif source == "random":
     chosen = list(examples)
     labels = np.random.default_rng([seed, 7]).integers(0, 2, len(chosen))

@@ -17,6 +17,7 @@ to the metrics log; its output is written, never read.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import logging
 import math
@@ -44,6 +45,8 @@ LABELS_FILE = "labels.jsonl"
 # The hard fix enumerates every labelling of a group's labelled members but
 # the proposed one: 2^12 candidates at most.
 MAX_HARD_FIX_MEMBERS = 12
+# Second entropy word of the alpha calibration's random stream.
+CALIBRATION_STREAM = 0xA1FA
 
 
 def accepts(delta: float, temperature: float, rng: np.random.Generator) -> bool:
@@ -71,6 +74,7 @@ class SearchResult:
   score_seconds: float     # this process: time inside score_fn
   total_seconds: float     # this process: time in run()
   score_calls: int
+  alpha: float             # the alpha U(D) used (search.alpha_rule)
 
   @property
   def score(self) -> np.ndarray:
@@ -107,6 +111,10 @@ class ICMSearch:
                                               self.ids)
     self.score_seconds = 0.0
     self.score_calls = 0
+    # The alpha of U(D): config.alpha until a step_spread calibration or a
+    # resumed checkpoint sets it.
+    self.alpha = config.alpha
+    self.cache = ScoreCache(config.score_cache)
 
   # -- scoring ----------------------------------------------------------------
 
@@ -127,14 +135,24 @@ class ICMSearch:
                         f"{sorted(set(cand.tolist()))}) for examples {names}")
 
   def evaluate(self, candidates: np.ndarray, what: str) -> list:
-    """U(D) of each assignment in `candidates` [C, N], in one kernel call."""
-    candidates = np.atleast_2d(candidates)
+    """U(D) of each assignment in `candidates` [C, N], in one kernel call
+    for those not in the score cache (none if all are)."""
+    candidates = np.atleast_2d(candidates).astype(np.int8)
     labelled = candidates != UNLABELLED
-    lf, lt = self._score(candidates)
-    self._check_finite(lf, lt, labelled, what)
+    keys = [_key(row) for row in candidates]
+    found = {k: self.cache.get(k) for k in dict.fromkeys(keys)}
+    missing = [k for k, row in found.items() if row is None]
+    if missing:
+      rows = np.stack([np.frombuffer(k[1], np.int8) for k in missing])
+      mf, mt = self._score(rows)
+      self._check_finite(mf, mt, rows != UNLABELLED, what)
+      for k, f, t in zip(missing, mf, mt):
+        found[k] = (f, t)
+        self.cache.put(k, f, t)
+    lf, lt = (np.stack(a) for a in zip(*(found[k] for k in keys)))
     p = mutual_predictability(self.config.objective, candidates, lf, lt)
     inconsistency = self.consistency.count(candidates)
-    utility = self.config.alpha * p - inconsistency
+    utility = self.alpha * p - inconsistency
     return [Evaluation(float(utility[c]), float(p[c]), int(inconsistency[c]),
                        np.where(labelled[c], lf[c], np.nan).astype(np.float32),
                        np.where(labelled[c], lt[c], np.nan).astype(np.float32))
@@ -279,9 +297,52 @@ class ICMSearch:
     seeded = self.evaluate(labels[None], "initialisation")[0]
     fixed = self.fix(labels, seeded, rng, what="initialisation")
     labels, current = fixed if fixed is not None else (labels, seeded)
+    if cfg.alpha_rule == "step_spread":
+      self.alpha = self.calibrated_alpha(labels, current)
+      current = dataclasses.replace(
+          current, utility=self.alpha * current.predictability
+          - current.inconsistency)
     return SearchState(labels=labels, current=current, iteration=0, flips=0,
                        visited=np.zeros(self.n, bool),
-                       rng_state=rng.bit_generator.state)
+                       rng_state=rng.bit_generator.state, alpha=self.alpha)
+
+  def calibrated_alpha(self, labels: np.ndarray, current: Evaluation) -> float:
+    """search.alpha_rule="step_spread": T0 / median |Delta P| of a step.
+
+    The neighbours are built from scores and the consistency structure only
+    (no gold), on a random stream of their own, so the main loop draws the
+    same examples as under a fixed alpha.
+    """
+    cfg = self.config
+    rng = np.random.default_rng([cfg.seed, CALIBRATION_STREAM])
+    labelled = np.flatnonzero(labels != UNLABELLED)
+    seen_groups, deltas = set(), []
+    for i in rng.permutation(labelled):
+      if len(deltas) == cfg.calibration_steps:
+        break
+      group = int(self.consistency.group[i])
+      if group in seen_groups:
+        continue
+      seen_groups.add(group)
+      tentative = labels.copy()
+      tentative[i] = 1 - tentative[i]
+      fixed = self.fix(tentative, None, rng, keep=(int(i),),
+                       what="alpha calibration")
+      if fixed is None or np.array_equal(fixed[0], labels):
+        continue
+      deltas.append(abs(fixed[1].predictability - current.predictability))
+    deltas = np.array(deltas)
+    spread = float(np.median(deltas[deltas > 0])) if (deltas > 0).any() else 0.0
+    if not spread > 0:
+      log.warning("alpha calibration: %d neighbours all scored P = %.6g; "
+                  "keeping search.alpha=%g", len(deltas),
+                  current.predictability, cfg.alpha)
+      return float(cfg.alpha)
+    alpha = cfg.initial_temperature / spread
+    log.info("alpha = %.4g from %d calibration neighbours: median |dP| = "
+             "%.4g, T0 = %g (a median worse step is accepted with p = 1/e "
+             "at T0)", alpha, len(deltas), spread, cfg.initial_temperature)
+    return float(alpha)
 
   def step(self, st: SearchState, rng: np.random.Generator) -> dict:
     """One iteration; mutates `st`, returns its metrics record.
@@ -296,11 +357,19 @@ class ICMSearch:
     weights = np.where(~labelled & self.consistency.same_group(labelled),
                        cfg.unlabelled_group_weight, 1.0)
     i = int(rng.choice(self.n, p=weights / weights.sum()))
-    queries = np.zeros((1, self.n), bool)
-    queries[0, i] = True
-    lf, lt = self._score(st.labels[None], queries)
-    self._check_finite(lf, lt, queries, f"iteration {st.iteration} prediction")
-    new_label = int(lt[0, i] > lf[0, i])
+    key = _key(st.labels, query=i)
+    cached = self.cache.get(key)
+    if cached is None:
+      queries = np.zeros((1, self.n), bool)
+      queries[0, i] = True
+      lf, lt = self._score(st.labels[None], queries)
+      self._check_finite(lf, lt, queries,
+                         f"iteration {st.iteration} prediction")
+      self.cache.put(key, lf[0, i:i + 1], lt[0, i:i + 1])
+      lf_i, lt_i = lf[0, i:i + 1], lt[0, i:i + 1]
+    else:
+      lf_i, lt_i = cached
+    new_label = int(lt_i[0] > lf_i[0])
     temperature = cfg.temperature(st.iteration, st.flips)
     record = {"iteration": st.iteration, "example": self.ids[i],
               "proposed": new_label != st.labels[i], "accepted": False,
@@ -349,16 +418,22 @@ class ICMSearch:
       log.info("resuming the search from %s at iteration %d", path,
                st.iteration)
     rng = np.random.default_rng(cfg.seed)
+    self.alpha = cfg.alpha
+    self.cache = ScoreCache(cfg.score_cache)
     if st is None:
       st = self.initial_state()
       rng.bit_generator.state = st.rng_state
       self._log(metrics, st, {"iteration": 0, "example": None,
                               "proposed": False, "accepted": True,
-                              "delta": None, "T": cfg.temperature(0, 0)})
+                              "delta": None, "T": cfg.temperature(0, 0),
+                              "alpha": st.alpha})
       if path:
-        state_lib.save(path, st, self._fingerprint)
+        self._save(path, st)
     else:
       rng.bit_generator.state = st.rng_state
+      if st.alpha is not None:
+        self.alpha = st.alpha
+      self.cache = ScoreCache.from_json(cfg.score_cache, st.score_cache)
     bar = _progress(cfg.max_iterations, st.iteration, progress)
     try:
       # `done` is re-derived, so a finished run resumed with a larger
@@ -378,7 +453,7 @@ class ICMSearch:
                         refresh=False)
         if path and st.iteration % cfg.checkpoint_every == 0:
           metrics.flush()  # never behind the checkpoint it resumes from
-          state_lib.save(path, st, self._fingerprint)
+          self._save(path, st)
         if after_iteration is not None:
           after_iteration(st)
     finally:
@@ -387,14 +462,19 @@ class ICMSearch:
         metrics.close()
     lf, lt = self._final_scores(st)
     if path:
-      state_lib.save(path, st, self._fingerprint)
+      self._save(path, st)
       write_labels(storage.join(workdir, LABELS_FILE), self.ids, st.labels,
                    lf, lt)
     c = st.current
     return SearchResult(self.ids, st.labels.copy(), lf, lt, c.utility,
                         c.predictability, c.inconsistency, st.iteration,
                         st.flips, self.score_seconds,
-                        time.perf_counter() - start, self.score_calls)
+                        time.perf_counter() - start, self.score_calls,
+                        self.alpha)
+
+  def _save(self, path, st: SearchState):
+    st.score_cache = self.cache.to_json()
+    state_lib.save(path, st, self._fingerprint)
 
   def _final_scores(self, st: SearchState):
     """Labelled: the current LOO scores; unlabelled: given all labelled."""
@@ -417,6 +497,57 @@ class ICMSearch:
       # Reporting only: computed from the labels after the decision.
       record.update(self.report(st.labels.copy()))
     metrics.write(record)
+
+
+def _key(labels: np.ndarray, query: int = -1) -> tuple:
+  """Cache key of one scorer row: the assignment and which example is
+  queried (-1: every labelled one, as for U(D))."""
+  return (int(query), np.asarray(labels, np.int8).tobytes())
+
+
+class ScoreCache:
+  """The last `capacity` scorer rows, least recently used dropped first.
+
+  A proposal the search has scored before (the same example flipped back,
+  a rejected step drawn again, a calibration neighbour) is not sent to the
+  scorer again. The scorer is a deterministic function of the assignment,
+  so a hit returns what a new call would. The cache is part of the
+  checkpoint, so a resumed run reuses exactly the rows an uninterrupted one
+  would (a recomputation could differ in the last bit when the row shares
+  a call with other candidates).
+  """
+
+  def __init__(self, capacity: int):
+    self.capacity = capacity
+    self._rows = collections.OrderedDict()
+
+  def get(self, key):
+    row = self._rows.get(key)
+    if row is not None:
+      self._rows.move_to_end(key)
+    return row
+
+  def put(self, key, log_p_false, log_p_true):
+    if self.capacity <= 0:
+      return
+    self._rows[key] = (np.array(log_p_false, np.float32),
+                       np.array(log_p_true, np.float32))
+    self._rows.move_to_end(key)
+    while len(self._rows) > self.capacity:
+      self._rows.popitem(last=False)
+
+  def to_json(self) -> list:
+    """Oldest first: [query, labels, log_p_false, log_p_true] per row."""
+    return [[q, np.frombuffer(labels, np.int8).tolist(),
+             [float(x) for x in f], [float(x) for x in t]]
+            for (q, labels), (f, t) in self._rows.items()]
+
+  @classmethod
+  def from_json(cls, capacity: int, rows) -> "ScoreCache":
+    cache = cls(capacity)
+    for q, labels, f, t in rows or ():
+      cache.put(_key(np.array(labels, np.int8), q), f, t)
+    return cache
 
 
 def _progress(total, initial, enabled):

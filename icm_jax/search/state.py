@@ -42,6 +42,11 @@ class SearchState:
   visited: np.ndarray      # [N] bool: drawn since the last accepted change
   rng_state: dict          # numpy bit_generator.state
   done: bool = False
+  # The alpha every U(D) of this search uses (search.alpha_rule); None in a
+  # checkpoint written before the rule existed: search.alpha then.
+  alpha: Optional[float] = None
+  # The search's score cache (annealing.ScoreCache.to_json), oldest first.
+  score_cache: list = dataclasses.field(default_factory=list)
 
   def to_json(self, fingerprint: dict) -> dict:
     c = self.current
@@ -59,6 +64,8 @@ class SearchState:
         "visited": self.visited.astype(int).tolist(),
         "rng_state": self.rng_state,
         "done": self.done,
+        "alpha": self.alpha,
+        "score_cache": self.score_cache,
     }
 
   @classmethod
@@ -71,7 +78,9 @@ class SearchState:
     return cls(labels=np.array(data["labels"], np.int8), current=current,
                iteration=data["iteration"], flips=data["flips"],
                visited=np.array(data["visited"], bool),
-               rng_state=data["rng_state"], done=data["done"])
+               rng_state=data["rng_state"], done=data["done"],
+               alpha=data.get("alpha"),
+               score_cache=data.get("score_cache", []))
 
 
 def fingerprint(config_dict: dict, ids) -> dict:
