@@ -1,11 +1,12 @@
-"""The demo at twice the size, with fine-tuning rows: about 45 minutes on a
-2-core CPU (README "Run the demo", where its measured table is).
+"""The demo at 16 claims, with fine-tuning rows: about 20 minutes on a 2-core
+CPU (README "Run the demo", where its measured table is).
 
   python main.py --config=configs/demo_full.py --workdir=runs/demo_full
 
 configs/demo.py's settings, except: ICM labels the first 8 train pairs (16
 claims, 2^8 consistent labellings) in 48 steps per seed, 3x as many steps as
-claims; exact mode is what keeps it at 16 (one U(D) costs 4x the demo's).
+claims; exact mode is what keeps it at 16 (a search's time grows about as
+N^3: 16 claims take about 5 min per seed).
 Every many-shot row shows all 16 labelled claims. The base model is also
 fine-tuned on each label source over the same 16 claims (ICM per seed, gold,
 coin flips and inverted gold, the fine-tuning rows' control), then prompted

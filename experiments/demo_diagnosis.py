@@ -62,7 +62,8 @@ def main(argv):
     batch_dir = os.path.basename(os.path.dirname(path))
     summary = os.path.join(os.path.dirname(os.path.dirname(path)),
                            "summary.json")
-    row = dict(search=f"{seed_dir}/{batch_dir}", **diagnose(metrics))
+    row = dict(run=os.path.basename(os.path.normpath(FLAGS.workdir)),
+               search=f"{seed_dir}/{batch_dir}", **diagnose(metrics))
     if os.path.exists(summary):
       with open(summary) as f:
         batches = json.load(f)["batches"]

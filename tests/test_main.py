@@ -159,6 +159,7 @@ def test_eval_stage_alone_reuses_labels_and_finetuned_models(tiny_run,
     ("--config.seeds=1,1", "seeds"),
     ("--config.scoring.context=leave_pair_out", "scoring.context"),
     ("--config.search.objective=calibrated", "search.objective"),
+    ("--config.search.alpha_rule=auto", "search.alpha_rule"),
     ("--config.eval.bootstrap_rounds=-1", "eval.bootstrap_rounds"),
     ("--config.eval.methods=zero_shot,many_shot_coin", "eval.methods"),
 ])
@@ -185,6 +186,6 @@ def test_paper_configs_carry_the_paper_hyperparameters():
     assert c.task.name == name
     s = c.search
     assert (s.alpha, s.initial_size, s.initial_temperature,
-            s.final_temperature, s.decay, s.schedule, s.max_iterations) == (
-                50.0, 8, 10.0, 0.01, 0.99, "log", 3000)
+            s.final_temperature, s.decay, s.schedule, s.max_iterations,
+            s.alpha_rule) == (50.0, 8, 10.0, 0.01, 0.99, "log", 3000, "fixed")
     assert c.label.batch_size == 256
