@@ -10,7 +10,7 @@ pair's order; icm_jax/tasks/data/sentiment/SOURCE.md). ICM labels the first
 6 train pairs (12 claims) in one search per seed, scored in exact mode (the
 paper's prompts; no one-pass mode agrees with it, README "Scoring modes").
 Exact mode's cost sets the size, chosen by time alone: 12 claims is the
-most whose 3 seeds ran within 8 minutes on 2 cores (7 min 15 s measured;
+most whose 3 seeds ran within 8 minutes on 2 cores (7 min 41 s measured;
 20% spare, as the same demo's time has varied 2x between sessions). A
 search's time grows about as N^3, so 14 claims would need about 10.5 min;
 16 claims take about 5 min per seed (configs/demo_full.py). The report's headline is each method's
