@@ -365,10 +365,9 @@ class ICMSearch:
       lf, lt = self._score(st.labels[None], queries)
       self._check_finite(lf, lt, queries,
                          f"iteration {st.iteration} prediction")
-      self.cache.put(key, lf[0, i:i + 1], lt[0, i:i + 1])
-      lf_i, lt_i = lf[0, i:i + 1], lt[0, i:i + 1]
-    else:
-      lf_i, lt_i = cached
+      cached = lf[0, i:i + 1], lt[0, i:i + 1]
+      self.cache.put(key, *cached)
+    lf_i, lt_i = cached
     new_label = int(lt_i[0] > lf_i[0])
     temperature = cfg.temperature(st.iteration, st.flips)
     record = {"iteration": st.iteration, "example": self.ids[i],

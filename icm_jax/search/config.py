@@ -52,7 +52,8 @@ class SearchConfig:
     `calibration_steps` neighbours of the initial labels are scored, each a
     labelled example of a different consistency group with its label
     flipped and then consistency-fixed the way a step is (`keep` = that
-    example); alpha = initial_temperature / median |P(neighbour) - P(init)|.
+    example); alpha = initial_temperature / median |P(neighbour) - P(init)|
+    (over the neighbours whose P moved; none moved: `alpha` is kept).
     A median-sized worse step is then accepted with probability 1/e at T0;
     under the log schedule T has fallen 5.8x by the 10th accepted flip
     (probability about 0.003): exploratory first, nearly greedy later. The
