@@ -116,11 +116,16 @@ def load_task(name):
   return task, load_examples(task, path)
 
 
-def mode_config(mode: str) -> ScoringConfig:
+def mode_config(mode: str, context: str = "leave_one_out") -> ScoringConfig:
+  """lobo_B: exact leaving one of B folds out; tree_tailM: tree mode with
+  scoring.tree_tail=M; otherwise the mode (its first word) in `context`."""
   if mode.startswith("lobo_"):
     return ScoringConfig("exact", context="leave_block_out",
                          blocks=int(mode.split("_")[1]))
-  return ScoringConfig(mode.split("_")[0])
+  if mode.startswith("tree_tail"):
+    return ScoringConfig("tree", context=context,
+                         tree_tail=int(mode[len("tree_tail"):]))
+  return ScoringConfig(mode.split("_")[0], context=context)
 
 
 _ROWS = []
@@ -231,8 +236,7 @@ def floor_cell(model, tokenizer_words, task_name, n, context):
     tokens = tokenize_examples(tokenizer, [e.prompt for e in sub],
                                ids=[e.id for e in sub], words=tokenizer_words)
     t0 = time.perf_counter()
-    sc = LOOScorer(config, params, tokens,
-                   ScoringConfig(mode, context=context),
+    sc = LOOScorer(config, params, tokens, mode_config(mode, context),
                    groups=[e.group for e in sub]).score(labels[:, order])
     back = np.empty(n, np.int64)
     back[order] = np.arange(n)

@@ -2,8 +2,9 @@
 
 The reference builds each query's prompt as one explicit token sequence, in
 the order tree_layout.py documents (halving the blocks root-down, sibling
-halves first, the query's own block-mates last), and runs the plain model
-on it one query at a time. Nothing of the kernel's plan is reused.
+halves first, the query's own block-mates last; with a tail, the last
+blocks after them in example order), and runs the plain model on it one
+query at a time. Nothing of the kernel's plan is reused.
 """
 
 import functools
@@ -58,22 +59,33 @@ def next_token_label_log_probs(params, tokens):
                                           width=256))
 
 
-def reference_scores(params, ex, labels, block, unit, queries):
+def reference_demos(labels, block, unit, queries, i, tail=0):
+  """Query i's demonstrations in the documented tree order."""
+  n = len(labels)
+  active = []
+  for j in range(n):  # blocks by first example, active ones only
+    if (labels[j] >= 0 or queries[j]) and block[j] not in active:
+      active.append(block[j])
+  firsts = {b: min(j for j in range(n) if block[j] == b) for b in active}
+  active.sort(key=lambda b: firsts[b])
+  rest, last = ((active[:len(active) - tail], active[len(active) - tail:])
+                if tail else (active, []))
+  labelled_in = lambda bs: [j for b in bs for j in range(n) if block[j] == b
+                            and labels[j] >= 0 and unit[j] != unit[i]]
+  if block[i] in last:  # exact mode's prompt: R whole, then T, in order
+    return labelled_in(rest) + labelled_in(last)
+  demos = [j for b in reference_order(rest, block[i])
+           for j in range(n) if block[j] == b and labels[j] >= 0]
+  return demos + labelled_in([block[i]]) + labelled_in(last)
+
+
+def reference_scores(params, ex, labels, block, unit, queries, tail=0):
   """[N] (log P(False), log P(True)) per queried example (NaN elsewhere)."""
   n = len(labels)
   out = np.full((n, 2), np.nan)
   for i in np.nonzero(queries)[0]:
-    active = []
-    for j in range(n):  # blocks by first example, active ones only
-      if (labels[j] >= 0 or queries[j]) and block[j] not in active:
-        active.append(block[j])
-    firsts = {b: min(j for j in range(n) if block[j] == b) for b in active}
-    active.sort(key=lambda b: firsts[b])
-    demos = [j for b in reference_order(active, block[i])
-             for j in range(n) if block[j] == b and labels[j] >= 0]
-    demos += [j for j in range(n) if block[j] == block[i] and labels[j] >= 0
-              and unit[j] != unit[i]]
-    assert i not in demos or unit[i] != unit[i]
+    demos = reference_demos(labels, block, unit, queries, i, tail)
+    assert not any(unit[j] == unit[i] for j in demos)
     tokens = list(ex.header)
     for j in demos:
       tokens += (list(ex.prompts[j]) + [int(ex.label_token[labels[j]])] +
@@ -93,29 +105,33 @@ def units_and_blocks(context):
   return unit, (g if context == "leave_one_out" else unit)
 
 
-def tree_scorer(params, context, n=len(GROUPS), **kw):
+def tree_scorer(params, context, n=len(GROUPS), tail=0, **kw):
   ex = make_examples(n, header_len=3, seed=1)
   cfg = ScoringConfig("tree", context=context, blocks=3, rows_per_chunk=2,
-                      query_chunk=8)
+                      query_chunk=8, tree_tail=tail)
   return ex, LOOScorer(CFG, params, ex, cfg,
                        groups=[f"g{g}" for g in GROUPS[:n]], **kw)
 
 
+@pytest.mark.parametrize("tail", [0, 2])
 @pytest.mark.parametrize("context", CONTEXTS)
-def test_tree_equals_reference(params, context):
+def test_tree_equals_reference(params, context, tail):
   """Every query (one unlabelled) of two assignments in one call, and one
   query alone (the rows path), against the explicit prompts."""
   n = len(GROUPS)
-  ex, scorer = tree_scorer(params, context)
+  ex, scorer = tree_scorer(params, context, tail=tail)
   rng = np.random.RandomState(3)
   labels = rng.randint(0, 2, (2, n)).astype(np.int32)
   labels[0, 4] = -1
   labels[1, [0, 7]] = -1
   unit, block = units_and_blocks(context)
   scores = scorer.score(labels, np.ones((2, n), bool))
-  assert scorer.last_plan.depth >= 2  # a real tree, not one pass
+  # A real tree, not one pass (3 folds with a tail of 2 leave one block).
+  assert scorer.last_plan.depth >= (1 if tail and context ==
+                                    "leave_block_out" else 2)
   for c in range(2):
-    ref = reference_scores(params, ex, labels[c], block, unit, np.ones(n, bool))
+    ref = reference_scores(params, ex, labels[c], block, unit, np.ones(n, bool),
+                           tail)
     np.testing.assert_allclose(scores.log_p_false[c], ref[:, 0], atol=1e-4)
     np.testing.assert_allclose(scores.log_p_true[c], ref[:, 1], atol=1e-4)
   one = np.zeros(n, bool)
@@ -125,12 +141,13 @@ def test_tree_equals_reference(params, context):
                              atol=1e-4)
 
 
+@pytest.mark.parametrize("tail", [0, 2])
 @pytest.mark.parametrize("context", CONTEXTS)
-def test_no_prompt_sees_its_own_unit(params, context):
+def test_no_prompt_sees_its_own_unit(params, context, tail):
   """Flipping a query's own unit leaves its score alone; flipping any other
   labelled example moves it (both in one call, and on the rows path)."""
   n = len(GROUPS)
-  _, scorer = tree_scorer(params, context)
+  _, scorer = tree_scorer(params, context, tail=tail)
   unit, _ = units_and_blocks(context)
   labels = np.random.RandomState(5).randint(0, 2, n).astype(np.int32)
   for i in (2, 9):
@@ -149,13 +166,38 @@ def test_no_prompt_sees_its_own_unit(params, context):
     assert abs(alone[1] - alone[0]) < 1e-5 and abs(alone[2] - alone[0]) > 1e-4
 
 
+@pytest.mark.parametrize("context", ["leave_one_out", "leave_group_out"])
+def test_tail_queries_get_exact_prompts(params, context):
+  """Against exact mode itself (an independent kernel): the tail's queries
+  score as exact mode does, and with the tail holding every block every
+  query does. The examples are in group order, so block order is example
+  order."""
+  groups = [0, 0, 1, 1, 2, 2, 2, 3, 4, 4, 5]
+  n = len(groups)
+  ex = make_examples(n, header_len=3, seed=4)
+  labels = np.random.RandomState(8).randint(0, 2, n).astype(np.int32)
+  names = [f"g{g}" for g in groups]
+  score = lambda mode, tail: LOOScorer(
+      CFG, params, ex, ScoringConfig(mode, context=context, rows_per_chunk=2,
+                                     query_chunk=8, tree_tail=tail),
+      groups=names).score(labels).s
+  exact = score("exact", 0)
+  in_tail = np.isin(groups, [4, 5])
+  # Equal to float32 rounding (~5e-7); without the tail the order differs
+  # and the tiny model's scores move by ~1e-4.
+  np.testing.assert_allclose(score("tree", 2)[in_tail], exact[in_tail],
+                             atol=1e-5)
+  np.testing.assert_allclose(score("tree", 6), exact, atol=1e-5)
+  assert np.abs(score("tree", 0)[in_tail] - exact[in_tail]).max() > 5e-5
+
+
 def test_sharded_equals_unsharded(params):
   mesh = sharding.create_mesh(sharding.MeshConfig(data=2, fsdp=2, tensor=2))
   sharded = sharding.shard_params(params, sharding.param_shardings(params,
                                                                    mesh))
   n = len(GROUPS)
-  _, plain = tree_scorer(params, "leave_one_out")
-  _, meshed = tree_scorer(sharded, "leave_one_out", mesh=mesh)
+  _, plain = tree_scorer(params, "leave_one_out", tail=2)
+  _, meshed = tree_scorer(sharded, "leave_one_out", tail=2, mesh=mesh)
   labels = np.random.RandomState(6).randint(0, 2, n).astype(np.int32)
   labels[3] = -1
   queries = np.ones(n, bool)

@@ -164,7 +164,7 @@ def _tree_call_cost(target: Target, workload: Workload, labels, queries,
                             workload.sep_len), labels, unit, block, cand_idx,
       query_idx, min_seq_len=scoring.min_seq_len, min_width=TREE_MIN_WIDTH,
       rows=layout.chunk_rows(scoring.rows_per_chunk, target.divisor),
-      divisor=target.divisor)
+      divisor=target.divisor, tail=scoring.tree_tail)
   return tree_cost(target.model, plan, target.divisor, target.tensor)
 
 

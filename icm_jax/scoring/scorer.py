@@ -79,6 +79,11 @@ class ScoringConfig:
   # leave_block_out: the number of folds (whole consistency groups, dealt
   # round-robin in order of first appearance).
   blocks: int = 4
+  # Tree mode: the last this many blocks (in block order) end every prompt
+  # in exact mode's order, after the tree-ordered rest, so the
+  # demonstrations nearest each query are exact mode's (tree_layout.py).
+  # Each query row re-encodes them: about tree_tail blocks per row.
+  tree_tail: int = 0
 
   def __post_init__(self):
     if self.mode not in MODES:
@@ -89,9 +94,10 @@ class ScoringConfig:
       if not isinstance(getattr(self, key), int) or getattr(self, key) < 1:
         raise ValueError(f"scoring.{key} must be a positive int, got "
                          f"{getattr(self, key)!r}")
-    if not isinstance(self.query_chunk, int) or self.query_chunk < 0:
-      raise ValueError("scoring.query_chunk must be an int >= 0, got "
-                       f"{self.query_chunk!r}")
+    for key in ("query_chunk", "tree_tail"):
+      value = getattr(self, key)
+      if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+        raise ValueError(f"scoring.{key} must be an int >= 0, got {value!r}")
 
 
 class Scores(NamedTuple):
@@ -402,7 +408,8 @@ class LOOScorer:
     plan = tree_layout.tree_plan(
         self._lengths, labels, self._tree_unit, self._tree_block, cand_idx,
         query_idx, min_seq_len=self.config.min_seq_len,
-        min_width=TREE_MIN_WIDTH, rows=self._chunk, divisor=self._groups)
+        min_width=TREE_MIN_WIDTH, rows=self._chunk, divisor=self._groups,
+        tail=self.config.tree_tail)
     self.last_shape = (plan.pool_tokens,) + tuple(p.shape for p in plan.passes)
     self.last_plan = plan
     pool = self._call(tree.new_pool, self.model_config, plan.pool_tokens,
@@ -421,7 +428,8 @@ class LOOScorer:
   def _score_tree_prompts(self, labels, cand_idx, query_idx):
     """A few rows: each prompt, in tree order, as one plain sequence."""
     prompts = tree_layout.tree_prompts(self._lengths, labels, self._tree_unit,
-                                       self._tree_block, cand_idx, query_idx)
+                                       self._tree_block, cand_idx, query_idx,
+                                       tail=self.config.tree_tail)
     lengths = np.array([len(p) for p in prompts])
     seq_len = layout.exact_seq_len(
         lengths, min_seq_len=self.config.min_seq_len,

@@ -20,7 +20,21 @@ ceil(m/2) | the rest). Query i's prompt is
     + prompt_i
 
 so demonstrations far from i in example order come first and i's
-group-mates last. Each level's demonstrations are encoded once per level
+group-mates last.
+
+With a tail of M blocks (`ScoringConfig.tree_tail`), the last M active
+blocks are merged into one tail block T, and the root splits the rest R
+from T asymmetrically. T's queries read R whole (encoded once) and then
+T's demonstrations outside their unit, all in block order: exact mode's
+prompt when the examples are grouped by consistency group (block order is
+then example order). R's queries run the tree over R as above and then,
+before prompt_i, every demonstration of T in block order:
+
+    header + tree order over R + i's block-mates + T + prompt_i
+
+So every query's last demonstrations are the ones exact mode puts last
+(the model weighs the most recent demonstrations most), at the price of
+re-encoding T in each of R's query rows. Each level's demonstrations are encoded once per level
 (a node's half is encoded against the node's own prefix, for the other
 half to read), so one evaluation costs about log2(blocks) passes over D plus
 the query rows, against about N/2 passes for exact mode. A half whose
@@ -167,7 +181,7 @@ class _Segments:
 
 
 def _forest(lengths: ExampleLengths, labels: np.ndarray, block: np.ndarray,
-            cand_idx: np.ndarray, query_idx: np.ndarray):
+            cand_idx: np.ndarray, query_idx: np.ndarray, tail: int = 0):
   """Per assignment its tree; the level segments and each leaf's path.
 
   Returns (trees, level_segments, leaves, depth): trees[c] holds the active
@@ -175,6 +189,8 @@ def _forest(lengths: ExampleLengths, labels: np.ndarray, block: np.ndarray,
   sources; level_segments[l - 1] lists (c, lo, hi, path, l): blocks lo..hi
   encoded at level l after `path`; leaves[(c, pos)] is the path of block
   position pos. A path is the prefix pieces ((level, lo, hi), ...) root down.
+  With tail > 0 the last `tail` active blocks are one block, trees[c]
+  ["tail"] its position (None without a tail).
   """
   num_cand, num = labels.shape
   demo_offset, _, _ = token_table_offsets(lengths)
@@ -192,6 +208,16 @@ def _forest(lengths: ExampleLengths, labels: np.ndarray, block: np.ndarray,
     labelled = labels[c] >= 0
     active = np.unique(block_rank[labelled | queried[c]])  # sorted ranks
     members = [np.nonzero((block_rank == b) & labelled)[0] for b in active]
+    pos_of = {int(b): p for p, b in enumerate(active)}
+    tail_pos = None
+    if tail and len(active):
+      tail_pos = max(len(active) - tail, 0)
+      for b in active[tail_pos:]:
+        pos_of[int(b)] = tail_pos
+      members = members[:tail_pos] + [np.concatenate(members[tail_pos:])]
+    has_query = np.zeros(len(members), bool)
+    for j in np.nonzero(queried[c])[0]:
+      has_query[pos_of[int(block_rank[j])]] = True
     blen = np.array([demo_len[m].sum() for m in members], np.int64)
     # Token sources of each labelled example's demonstration.
     src = {int(j): demo_offset[j, labels[c, j]] + np.arange(demo_len[j])
@@ -199,16 +225,24 @@ def _forest(lengths: ExampleLengths, labels: np.ndarray, block: np.ndarray,
     trees.append(dict(
         active=active, members=members,
         bstart=np.concatenate([[0], np.cumsum(blen)]).astype(np.int64),
-        src=src, rank=block_rank,
-        has_query=np.array([queried[c][block_rank == b].any()
-                            for b in active], bool)))
+        src=src, rank=block_rank, pos_of=pos_of, tail=tail_pos,
+        has_query=has_query))
 
   depth, level_segments, leaves = 0, [], {}
-  frontier = [(c, 0, len(t["active"]), ()) for c, t in enumerate(trees)]
+  frontier = [(c, 0, len(t["members"]), (), t["tail"])
+              for c, t in enumerate(trees)]
   while frontier:
     segs, nxt = [], []
     level = depth + 1
-    for c, lo, hi, path in frontier:
+    for c, lo, hi, path, tail_pos in frontier:
+      if tail_pos is not None and tail_pos > lo:
+        # The tail root: T reads all of R, encoded here; R's queries go on
+        # into R and read T privately (_query_tail).
+        if trees[c]["has_query"][tail_pos]:
+          segs.append((c, lo, tail_pos, path, level))
+        leaves[(c, tail_pos)] = path + ((level, lo, tail_pos),)
+        nxt.append((c, lo, tail_pos, path, None))
+        continue
       if hi - lo <= 1:
         if hi > lo:
           leaves[(c, lo)] = path
@@ -218,7 +252,7 @@ def _forest(lengths: ExampleLengths, labels: np.ndarray, block: np.ndarray,
                                          ((mid, hi), (lo, mid))):
         # Node a continues with its sibling b, encoded at this level; b is
         # encoded only if a holds a query.
-        nxt.append((c, a_lo, a_hi, path + ((level, b_lo, b_hi),)))
+        nxt.append((c, a_lo, a_hi, path + ((level, b_lo, b_hi),), None))
         if trees[c]["has_query"][a_lo:a_hi].any():
           segs.append((c, b_lo, b_hi, path, level))
     if nxt:
@@ -233,21 +267,26 @@ def _demo_sources(tree, lo: int, hi: int) -> list:
 
 
 def _query_tail(tree, leaves, c, i, unit, prompt_offset, prompt_len):
-  """(path, sources of i's own block-mates outside its unit + prompt_i)."""
-  pos = int(np.searchsorted(tree["active"], tree["rank"][i]))
+  """(path, sources of i's own block-mates outside its unit [+ the tail
+  block's demonstrations, if i is not in it] + prompt_i)."""
+  pos = tree["pos_of"][int(tree["rank"][i])]
   mates = [tree["src"][int(j)] for j in tree["members"][pos]
            if unit[j] != unit[i]]
+  t = tree["tail"]
+  if t is not None and pos != t:
+    mates += [tree["src"][int(j)] for j in tree["members"][t]]
   return leaves.get((c, pos), ()), mates + [
       prompt_offset[i] + np.arange(prompt_len[i])]
 
 
 def tree_prompts(lengths: ExampleLengths, labels: np.ndarray,
                  unit: np.ndarray, block: np.ndarray, cand_idx: np.ndarray,
-                 query_idx: np.ndarray) -> list:
+                 query_idx: np.ndarray, *, tail: int = 0) -> list:
   """Each scored row's whole prompt as token-table indices, in tree order
   (the rows path: a call with a few rows runs them as plain sequences)."""
   _, prompt_offset, _ = token_table_offsets(lengths)
-  trees, _, leaves, _ = _forest(lengths, labels, block, cand_idx, query_idx)
+  trees, _, leaves, _ = _forest(lengths, labels, block, cand_idx, query_idx,
+                                tail)
   out = []
   for c, i in zip(cand_idx.tolist(), query_idx.tolist()):
     t = trees[c]
@@ -263,14 +302,15 @@ def tree_prompts(lengths: ExampleLengths, labels: np.ndarray,
 def tree_plan(lengths: ExampleLengths, labels: np.ndarray, unit: np.ndarray,
               block: np.ndarray, cand_idx: np.ndarray, query_idx: np.ndarray,
               *, min_seq_len: int, min_width: int, rows: int,
-              divisor: int = 1) -> TreePlan:
+              divisor: int = 1, tail: int = 0) -> TreePlan:
   """Plans scoring rows (cand_idx[k], query_idx[k]) in tree mode.
 
   labels [C, N] in {-1, 0, 1}; unit [N]: what a query leaves out of its
   context; block [N]: the tree leaf of each example (a union of units).
   min_seq_len: smallest pool region bucket; min_width: smallest segment
   width bucket. rows: segments per micro-batch (a multiple of `divisor`, the
-  mesh's batch divisor).
+  mesh's batch divisor). tail: blocks that end every prompt in exact
+  mode's order (module docstring).
 
   Static shapes: the region (bucket of the longest D), the depth bucket, the
   prefix length (header + region) and the range count (header + one per
@@ -281,7 +321,7 @@ def tree_plan(lengths: ExampleLengths, labels: np.ndarray, unit: np.ndarray,
   _, prompt_offset, _ = token_table_offsets(lengths)
   header = lengths.header
   trees, level_segments, leaves, depth = _forest(lengths, labels, block,
-                                                 cand_idx, query_idx)
+                                                 cand_idx, query_idx, tail)
   region = bucket(max([int(t["bstart"][-1]) for t in trees] + [1]),
                   min_seq_len)
   depth_bucket = bucket(max(depth, 1))
