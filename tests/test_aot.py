@@ -220,6 +220,27 @@ def test_no_tensor_advice_once_it_splits_every_kv_head():
     assert "scoring.mode" not in advice
 
 
+def test_tree_passes_compile_for_tpu(mesh):
+  """Every pass of the scorer's tree plan compiles for the v5e mesh; level
+  passes donate the pool (aliased in and out), the leaf reads it."""
+  model = aot.for_tpu(TINY)
+  wl = workload()
+  with jax.default_matmul_precision(None):
+    calls = aot.scoring_calls(model, mesh, wl, ScoringConfig(tree_tail=1),
+                              ["tree"])
+    reports = aot.compile_calls(calls, mesh)
+  names = [r.name for r in reports]
+  assert names[0] == "tree_header" and names[-1] == "tree_leaf"
+  assert len(names) >= 4  # header, >= 2 levels (4 groups), leaf
+  pool = _per_chip_bytes(calls[0].args[1])
+  for r in reports:
+    assert r.compiler_error is None and r.hlo_platform == "tpu"
+    if r.name == "tree_leaf":
+      assert r.alias_bytes == 0 and r.argument_bytes >= pool
+    else:
+      assert r.alias_bytes >= pool > 0
+
+
 def test_libtpu_refusal_is_a_does_not_fit_report(topology):
   """Llama-3.1-8B exact mode at N=256 on 4 chips: libtpu refuses to compile
   (temporaries far above 16 GiB); that is a verdict, not a crash."""
@@ -311,6 +332,9 @@ def test_analytic_flops_equal_the_traced_program(mesh, train):
   wl = workload()
   calls = aot.scoring_calls(model, mesh, wl, ScoringConfig(rows_per_chunk=4),
                             ["exact", "exact_unshared", "parallel", "shared"])
+  calls += aot.scoring_calls(model, mesh, wl,
+                             ScoringConfig(rows_per_chunk=4, tree_tail=1),
+                             ["tree"])
   calls.append(aot.train_call(model, mesh, wl, train, 64, 48))
   cache_shapes = jax.eval_shape(calls[2].fn, *calls[2].args)
   calls[3].args = calls[3].args[:2] + (cache_shapes,) + calls[3].args[3:]

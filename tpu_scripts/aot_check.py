@@ -52,7 +52,8 @@ _NUM_EXAMPLES = flags.DEFINE_integer(
 _MODES = flags.DEFINE_string(
     "modes", "exact,parallel,train", "Comma-separated: exact (prefix "
     "sharing, the default scorer), exact_unshared, parallel (cache build + "
-    "query call), shared (one pass over F + queries), train.")
+    "query call), shared (one pass over F + queries), tree (each pass of "
+    "its plan), train.")
 _LENGTHS = flags.DEFINE_string(
     "lengths", None, "'measured' (tokenize the task's prompts: needs --data "
     "or a bundled file) or MEAN,MAX prompt tokens (N-1 prompts of MEAN, one "
@@ -82,7 +83,7 @@ _PLAN = flags.DEFINE_bool(
     "plan", False, "Also print the roofline plan (one U(D), an ICM search, "
     "one fine-tuning epoch) for this model, slice and mesh.")
 
-ALL_MODES = ("exact", "exact_unshared", "parallel", "shared", "train")
+ALL_MODES = ("exact", "exact_unshared", "parallel", "shared", "tree", "train")
 
 
 def _fmt_gib(n):

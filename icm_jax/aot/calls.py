@@ -16,13 +16,15 @@ import numpy as np
 from icm_jax import sharding
 from icm_jax.aot.costs import (Cost, exact_cost, exact_shared_cost,
                                parallel_cache_cost, parallel_query_cost,
-                               shared_context_cost, train_step_cost)
+                               shared_context_cost, train_step_cost,
+                               tree_pass_cost)
 from icm_jax.aot.errors import AotError
 from icm_jax.aot.layouts import (exact_layout, exact_shared_layout,
-                                 parallel_layout, shared_context_layout)
+                                 parallel_layout, shared_context_layout,
+                                 tree_call_plan)
 from icm_jax.aot.workload import Workload
 from icm_jax.model import LlamaConfig, param_shapes
-from icm_jax.scoring import exact, layout, parallel, shared_context
+from icm_jax.scoring import exact, layout, parallel, shared_context, tree
 from icm_jax.scoring.common import ExampleArrays
 from icm_jax.scoring.scorer import ScoringConfig
 from icm_jax.training import data as train_data
@@ -69,7 +71,7 @@ class Call:
   compiled: Any = None
 
 
-SCORING_MODES = ("exact", "exact_unshared", "parallel", "shared")
+SCORING_MODES = ("exact", "exact_unshared", "parallel", "shared", "tree")
 
 
 def scoring_calls(model: LlamaConfig, mesh, workload: Workload,
@@ -79,7 +81,9 @@ def scoring_calls(model: LlamaConfig, mesh, workload: Workload,
 
   modes: "exact" (exact mode with prefix sharing: the default scorer),
   "exact_unshared" (exact, prefix_sharing=False), "parallel" (the demo cache
-  build and the query call), "shared" (one pass over F, then the queries).
+  build and the query call), "shared" (one pass over F, then the queries),
+  "tree" (one call per pass of the scorer's plan: the header and each
+  level write into the key/value pool, the leaf reads the scores).
   """
   bad = [m for m in modes if m not in SCORING_MODES]
   if bad:
@@ -150,6 +154,9 @@ def scoring_calls(model: LlamaConfig, mesh, workload: Workload,
           f" to a sequence in {plan.num_seq} sequences", fn, args,
           shared_context_cost(model, lay, divisor, tensor),
           shared_context_cost(model, lay, 1, 1)))
+    elif mode == "tree":
+      calls += _tree_calls(model, mesh, workload, scoring, labels, params,
+                           batch_fn, common)
     else:  # parallel
       lay = parallel_layout(workload, labels, None, scoring, divisor)
       cache_fn = jax.jit(functools.partial(
@@ -181,6 +188,46 @@ def scoring_calls(model: LlamaConfig, mesh, workload: Workload,
   for call in calls:
     call.kv_heads = model.num_kv_heads
     call.settings = {"param_dtype": model.param_dtype}
+  return calls
+
+
+def _tree_calls(model, mesh, workload, scoring, labels, params, batch_fn,
+                common) -> List[Call]:
+  """Tree mode's passes as LOOScorer runs them for `labels` (every labelled
+  claim queried), each on an abstract pool with the scorer's sharding."""
+  cand_idx, query_idx = layout.scored_rows(labels)
+  divisor = sharding.batch_divisor(mesh)
+  plan = tree_call_plan(workload, labels, cand_idx, query_idx, scoring,
+                        divisor)
+  pool_sharding = sharding.kv_pool_sharding(model, mesh)
+  shape = (model.num_layers, plan.pool_tokens, model.num_kv_heads,
+           model.head_dim)
+  pool = type(pool_sharding)(*(jax.ShapeDtypeStruct(
+      shape, jnp.dtype(model.compute_dtype), sharding=s)
+                               for s in pool_sharding))
+  calls = []
+  names = ((["tree_header"] if plan.header else []) +
+           [f"tree_level{l + 1}" for l in range(len(plan.levels))] +
+           ["tree_leaf"])
+  for name, p in zip(names, plan.passes):
+    write = p is not plan.leaf
+    s, w, r, prefix, rows = p.shape
+    fn = jax.jit(functools.partial(
+        tree.tree_pass, prefix_len=prefix, rows=rows,
+        query_chunk=scoring.query_chunk, write=write,
+        batch_sharding_fn=batch_fn, **common),
+                 donate_argnums=(1,) if write else ())
+    args = (params, pool, _replicated(mesh, (s, w)), _replicated(mesh, (s,)),
+            _replicated(mesh, (s,)), _replicated(mesh, (s, r, 2)),
+            _replicated(mesh, (s,)))
+    what = "writes keys/values" if write else "reads the label scores"
+    calls.append(Call(
+        name, f"tree: {s} segments of {w} tokens ({rows} per micro-batch) "
+        f"against prefixes of <= {prefix} pool keys; {what} "
+        f"(pool {plan.pool_tokens} tokens, depth {plan.depth}, tail "
+        f"{scoring.tree_tail})", fn, args,
+        tree_pass_cost(model, p, write, divisor, mesh.shape["tensor"]),
+        tree_pass_cost(model, p, write, 1, 1)))
   return calls
 
 

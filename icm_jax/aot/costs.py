@@ -158,26 +158,31 @@ def exact_shared_cost(cfg: LlamaConfig, lay: ExactSharedLayout, divisor: int,
   return prefix + suffixes
 
 
+def tree_pass_cost(cfg: LlamaConfig, p, write: bool, divisor: int,
+                   tensor: int) -> Cost:
+  """One tree pass (tree_layout.TreePass): its segments split over the batch
+  chips; a level pass writes keys/values into the pool, the leaf pass reads
+  logits."""
+  s, w, _, prefix, rows = p.shape
+  real = p.length.astype(np.float64)
+  visible = ((real * p.ranges[:, :, 1].sum(axis=1)).sum() +
+             _causal_pairs(real).sum())
+  per_chip = s / divisor
+  return forward_cost(
+      cfg, tokens=per_chip * w, logits=0 if write else per_chip,
+      visible_pairs=visible / divisor,
+      dense_pairs=per_chip * w * (prefix + w),
+      # Each micro-batch gathers its segments' prefixes from the pool.
+      cache_keys_read=per_chip * prefix,
+      kv_written=per_chip * w if write else 0.0, passes=s / rows,
+      tensor=tensor)
+
+
 def tree_cost(cfg: LlamaConfig, plan, divisor: int, tensor: int) -> Cost:
-  """Tree mode (icm_jax.scoring.tree_layout.TreePlan): each pass's segments
-  split over the batch chips; level passes write keys/values into the pool,
-  the leaf pass reads logits."""
+  """Tree mode (icm_jax.scoring.tree_layout.TreePlan): its passes summed."""
   total = Cost()
   for p in plan.passes:
-    s, w, _, prefix, rows = p.shape
-    write = p is not plan.leaf
-    real = p.length.astype(np.float64)
-    visible = ((real * p.ranges[:, :, 1].sum(axis=1)).sum() +
-               _causal_pairs(real).sum())
-    per_chip = s / divisor
-    total += forward_cost(
-        cfg, tokens=per_chip * w, logits=0 if write else per_chip,
-        visible_pairs=visible / divisor,
-        dense_pairs=per_chip * w * (prefix + w),
-        # Each micro-batch gathers its segments' prefixes from the pool.
-        cache_keys_read=per_chip * prefix,
-        kv_written=per_chip * w if write else 0.0, passes=s / rows,
-        tensor=tensor)
+    total += tree_pass_cost(cfg, p, p is not plan.leaf, divisor, tensor)
   return total
 
 

@@ -157,3 +157,19 @@ def shared_context_layout(workload: Workload, labels: np.ndarray,
   return SharedContextLayout(plan, divisor, lengths.width,
                              layout.full_lengths(lengths, labels), prompts,
                              visible)
+
+
+def tree_call_plan(workload: Workload, labels: np.ndarray, cand_idx, query_idx,
+                   scoring: ScoringConfig, divisor: int):
+  """Tree mode's plan (icm_jax.scoring.tree_layout.TreePlan) for these rows,
+  with the units and blocks LOOScorer derives from the workload's groups."""
+  from icm_jax.scoring import tree_layout
+  from icm_jax.scoring.scorer import TREE_MIN_WIDTH, tree_units
+  n = labels.shape[1]
+  groups = list(workload.groups) if len(workload.groups) == n else None
+  unit, block = tree_units(scoring, n, groups)
+  return tree_layout.tree_plan(
+      _example_lengths(workload), labels, unit, block, cand_idx, query_idx,
+      min_seq_len=scoring.min_seq_len, min_width=TREE_MIN_WIDTH,
+      rows=layout.chunk_rows(scoring.rows_per_chunk, divisor),
+      divisor=divisor, tail=scoring.tree_tail)

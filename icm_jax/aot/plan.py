@@ -32,13 +32,13 @@ from icm_jax.aot.costs import (Cost, exact_cost, exact_shared_cost, tree_cost,
                                shared_context_cost, train_step_cost)
 from icm_jax.aot.errors import AotError
 from icm_jax.aot.layouts import (exact_layout, exact_shared_layout,
-                                 parallel_layout, shared_context_layout)
+                                 parallel_layout, shared_context_layout,
+                                 tree_call_plan)
 from icm_jax.aot.topology import Chip, Topology
 from icm_jax.aot.workload import Workload
 from icm_jax.model import LlamaConfig
-from icm_jax.scoring import layout, tree_layout
-from icm_jax.scoring.scorer import (TREE_MIN_WIDTH, TREE_ROWS_PATH_MAX,
-                                    ScoringConfig, Scores, context_units)
+from icm_jax.scoring import layout
+from icm_jax.scoring.scorer import TREE_ROWS_PATH_MAX, ScoringConfig, Scores
 from icm_jax.search.config import SearchConfig
 from icm_jax.training import data as train_data
 from icm_jax.training.config import TrainConfig
@@ -151,20 +151,8 @@ def _tree_call_cost(target: Target, workload: Workload, labels, queries,
     lay = exact_layout(workload, labels, queries, scoring, target.divisor,
                        target.model.max_position_embeddings)
     return exact_cost(target.model, lay, target.divisor, target.tensor)
-  n = labels.shape[1]
-  groups = list(workload.groups) if len(workload.groups) == n else None
-  unit = context_units(scoring, n, groups)
-  unit = np.arange(n) if unit is None else unit
-  block = unit
-  if scoring.context == "leave_one_out" and groups is not None:
-    block = context_units(dataclasses.replace(
-        scoring, context="leave_group_out"), n, groups)
-  plan = tree_layout.tree_plan(
-      layout.ExampleLengths(workload.header_len, workload.lengths,
-                            workload.sep_len), labels, unit, block, cand_idx,
-      query_idx, min_seq_len=scoring.min_seq_len, min_width=TREE_MIN_WIDTH,
-      rows=layout.chunk_rows(scoring.rows_per_chunk, target.divisor),
-      divisor=target.divisor, tail=scoring.tree_tail)
+  plan = tree_call_plan(workload, labels, cand_idx, query_idx, scoring,
+                        target.divisor)
   return tree_cost(target.model, plan, target.divisor, target.tensor)
 
 

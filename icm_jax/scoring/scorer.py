@@ -185,16 +185,8 @@ class LOOScorer:
       self._kernel = jax.jit(self._parallel_kernel)
 
   def _init_tree(self, groups):
-    n = self.num_examples
-    self._tree_unit = (np.arange(n) if self._unit is None
-                       else np.asarray(self._unit))
-    if self.config.context == "leave_one_out" and groups is not None:
-      # The consistency group is the tree's leaf, so it is never split.
-      self._tree_block = context_units(
-          dataclasses.replace(self.config, context="leave_group_out"), n,
-          groups)
-    else:
-      self._tree_block = self._tree_unit
+    self._tree_unit, self._tree_block = tree_units(
+        self.config, self.num_examples, groups)
     ex = self.examples
     self._tree_table = tree_layout.token_table(ex.header, ex.prompts,
                                                ex.label_token, ex.separator)
@@ -485,6 +477,19 @@ def context_units(config: ScoringConfig, num_examples: int, groups=None):
   if config.context == "leave_group_out":
     return group
   return group % config.blocks
+
+
+def tree_units(config: ScoringConfig, num_examples: int, groups=None):
+  """Tree mode's (unit [N], block [N]): what each query leaves out, and the
+  tree leaf holding it (leave_one_out: the consistency group, so a group is
+  never split; otherwise the unit itself)."""
+  unit = context_units(config, num_examples, groups)
+  unit = np.arange(num_examples) if unit is None else np.asarray(unit)
+  if config.context == "leave_one_out" and groups is not None:
+    return unit, context_units(
+        dataclasses.replace(config, context="leave_group_out"), num_examples,
+        groups)
+  return unit, unit
 
 
 def _pad_candidates(labels: np.ndarray, candidates: int) -> np.ndarray:
