@@ -5,6 +5,8 @@ r"""Fast LOO modes against exact LOO: agreement of s_i and seconds per U(D).
   python experiments/bench_loo_modes.py --tables_from=FILE.jsonl  # tables only
   python experiments/bench_loo_modes.py --floor_sizes=16 --agree_sizes= \
       --time_sizes= --out=experiments/bench_tree_floor.jsonl   # issue 22
+  # modes: exact, shared, parallel, lobo_B, tree, tree_tailM (tree mode
+  # with scoring.tree_tail=M)
 
 Floor (`--floor_sizes`, `--contexts`, `--floor_tasks`): for tree and
 shared mode, in each scoring context, per-claim agreement with exact mode
@@ -335,9 +337,10 @@ def timing(model, tokenizer_words, n):
   model_tokens = {"exact": demo.sum() + suffix.sum() + tokens.prompt_lengths.sum(),
                   "shared": demo.sum() + tokens.prompt_lengths.sum(),
                   "parallel": tokens.prompt_lengths.sum()}
-  if "tree" in scorers:  # its plan's real (unpadded) query tokens
-    plan = scorers["tree"].last_plan
-    model_tokens["tree"] = sum(int(p.length.sum()) for p in plan.passes)
+  for mode in scorers:  # tree modes: their plan's real (unpadded) tokens
+    if mode.startswith("tree"):
+      plan = scorers[mode].last_plan
+      model_tokens[mode] = sum(int(p.length.sum()) for p in plan.passes)
   for mode in FLAGS.time_modes:
     if mode.startswith("lobo_"):
       b = int(mode.split("_")[1])

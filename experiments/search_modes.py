@@ -1,7 +1,8 @@
 r"""Does ICM decide the same with a fast scoring mode as with exact mode?
 
   python experiments/search_modes.py [--num_examples=8] [--seeds=0,1,2]
-      [--modes=exact,shared,parallel] [--out=experiments/search_modes.jsonl]
+      [--modes=exact,shared,parallel,tree] [--tree_tail=M]
+      [--alpha_rule=fixed|step_spread] [--out=experiments/search_modes.jsonl]
 
 SmolLM2-135M, the first N claims (whole consistency groups) of TruthfulQA
 (the paper's ICM file) and of the bundled sentiment task's train split; one
@@ -37,6 +38,8 @@ flags.DEFINE_list("tasks", ["truthfulqa", "sentiment"], "tasks")
 flags.DEFINE_string("context", "leave_one_out", "scoring.context")
 flags.DEFINE_integer("iterations", 24, "annealing iterations")
 flags.DEFINE_float("alpha", 1000.0, "search.alpha")
+flags.DEFINE_string("alpha_rule", "fixed", "search.alpha_rule")
+flags.DEFINE_integer("tree_tail", 0, "scoring.tree_tail of the tree mode")
 flags.DEFINE_string("truthfulqa", os.path.join(
     HERE, "..", "..", "shared", "data", "icm", "test_truthfulqa.json"),
                     "TruthfulQA ICM file")
@@ -56,9 +59,10 @@ def main(argv):
     for seed in map(int, FLAGS.seeds):
       for mode in FLAGS.modes:
         search = SearchConfig(max_iterations=FLAGS.iterations, seed=seed,
-                              alpha=FLAGS.alpha,
+                              alpha=FLAGS.alpha, alpha_rule=FLAGS.alpha_rule,
                               initial_size=FLAGS.num_examples)
-        scoring = ScoringConfig(mode=mode, context=FLAGS.context)
+        scoring = ScoringConfig(mode=mode, context=FLAGS.context,
+                                tree_tail=FLAGS.tree_tail)
         t0 = time.perf_counter()
         with tempfile.TemporaryDirectory() as workdir:
           run = run_icm(examples, task=task, tokenizer=model.tokenizer,
@@ -67,13 +71,15 @@ def main(argv):
                         search=search, batch_size=FLAGS.num_examples,
                         workdir=workdir, progress=False)
         wall = time.perf_counter() - t0
+        alphas = [b.alpha for b in run.batches]
         labels = np.asarray(run.labels)
         if mode == "exact":
           exact_labels[seed] = labels
         row = dict(task=task_name, n=len(examples), mode=mode,
                    context=FLAGS.context, seed=seed,
                    iterations=FLAGS.iterations, alpha=FLAGS.alpha,
-                   wall_s=round(wall, 1),
+                   alpha_rule=FLAGS.alpha_rule, tree_tail=FLAGS.tree_tail,
+                   alpha_used=alphas, wall_s=round(wall, 1),
                    score_calls=sum(b.score_calls for b in run.batches),
                    labels="".join(map(str, labels.tolist())),
                    gold_agreement=float((labels == gold).mean()),

@@ -249,3 +249,30 @@ def test_tree_plan_cost_is_log_passes():
   assert demo_total * 8 <= levels <= demo_total * 8 * 1.6
   exact = sum(layout.exact_row_lengths(lengths, labels, cand, query))
   assert plan.tokens_forwarded * 10 < exact
+
+
+@pytest.mark.parametrize("tail", [1, 4])
+def test_tail_costs_one_tail_per_query_row(tail):
+  """With a tail of M claims, each query outside it re-encodes all M
+  demonstrations, each inside it the other M - 1; the tree over the rest
+  keeps its log passes, plus one pass over the rest for the tail's queries."""
+  from icm_jax.scoring import layout, tree_layout
+  n, prompt = 64, 20
+  lengths = layout.ExampleLengths(4, np.full(n, prompt), 2)
+  demo = prompt + 1 + 2
+  labels = np.ones((1, n), np.int32)
+  cand, query = layout.scored_rows(labels)
+  plan = lambda t: tree_layout.tree_plan(
+      lengths, labels, np.arange(n), np.arange(n), cand, query,
+      min_seq_len=64, min_width=8, rows=8, tail=t)
+  leaf = int(plan(tail).leaf.length.sum())
+  assert leaf == n * prompt + (n - tail) * tail * demo + tail * (tail - 1) * demo
+  assert int(plan(0).leaf.length.sum()) == n * prompt
+  levels = lambda p: sum(int(q.length.sum()) for q in p.levels)
+  rest = n - tail
+  # The rest's tree (its own levels) plus one encoding of the rest.
+  assert levels(plan(tail)) == rest * demo + levels(tree_layout.tree_plan(
+      layout.ExampleLengths(4, np.full(rest, prompt), 2),
+      np.ones((1, rest), np.int32), np.arange(rest), np.arange(rest),
+      *layout.scored_rows(np.ones((1, rest), np.int32)), min_seq_len=64,
+      min_width=8, rows=8))
