@@ -68,8 +68,12 @@ def reference_demos(labels, block, unit, queries, i, tail=0):
       active.append(block[j])
   firsts = {b: min(j for j in range(n) if block[j] == b) for b in active}
   active.sort(key=lambda b: firsts[b])
-  rest, last = ((active[:len(active) - tail], active[len(active) - tail:])
-                if tail else (active, []))
+  cut, count = len(active), 0  # the fewest last blocks with >= tail demos
+  while tail and cut > 0 and count < tail:
+    cut -= 1
+    count += sum(1 for j in range(n) if block[j] == active[cut]
+                 and labels[j] >= 0)
+  rest, last = active[:cut], active[cut:]
   labelled_in = lambda bs: [j for b in bs for j in range(n) if block[j] == b
                             and labels[j] >= 0 and unit[j] != unit[i]]
   if block[i] in last:  # exact mode's prompt: R whole, then T, in order
@@ -169,8 +173,8 @@ def test_no_prompt_sees_its_own_unit(params, context, tail):
 @pytest.mark.parametrize("context", ["leave_one_out", "leave_group_out"])
 def test_tail_queries_get_exact_prompts(params, context):
   """Against exact mode itself (an independent kernel): the tail's queries
-  score as exact mode does, and with the tail holding every block every
-  query does. The examples are in group order, so block order is example
+  (2 demonstrations: groups 5 and 4, whole) score as exact mode does, and
+  with the tail holding every demonstration every query does. The examples are in group order, so block order is example
   order."""
   groups = [0, 0, 1, 1, 2, 2, 2, 3, 4, 4, 5]
   n = len(groups)
@@ -187,7 +191,7 @@ def test_tail_queries_get_exact_prompts(params, context):
   # and the tiny model's scores move by ~1e-4.
   np.testing.assert_allclose(score("tree", 2)[in_tail], exact[in_tail],
                              atol=1e-5)
-  np.testing.assert_allclose(score("tree", 6), exact, atol=1e-5)
+  np.testing.assert_allclose(score("tree", n), exact, atol=1e-5)
   assert np.abs(score("tree", 0)[in_tail] - exact[in_tail]).max() > 5e-5
 
 
@@ -253,7 +257,8 @@ def test_tree_plan_cost_is_log_passes():
 
 @pytest.mark.parametrize("tail", [1, 4])
 def test_tail_costs_one_tail_per_query_row(tail):
-  """With a tail of M claims, each query outside it re-encodes all M
+  """With a tail of M claims (blocks of one), each query outside it
+  re-encodes all M
   demonstrations, each inside it the other M - 1; the tree over the rest
   keeps its log passes, plus one pass over the rest for the tail's queries."""
   from icm_jax.scoring import layout, tree_layout

@@ -79,10 +79,11 @@ class ScoringConfig:
   # leave_block_out: the number of folds (whole consistency groups, dealt
   # round-robin in order of first appearance).
   blocks: int = 4
-  # Tree mode: the last this many blocks (in block order) end every prompt
-  # in exact mode's order, after the tree-ordered rest, so the
-  # demonstrations nearest each query are exact mode's (tree_layout.py).
-  # Each query row re-encodes them: about tree_tail blocks per row.
+  # Tree mode: at least this many of the last demonstrations (whole
+  # consistency groups / units, in example order) end every prompt in exact
+  # mode's order, after the tree-ordered rest, so the demonstrations nearest
+  # each query are exact mode's (tree_layout.py). The model weighs recent
+  # demonstrations most; each query row re-encodes the tail.
   tree_tail: int = 0
 
   def __post_init__(self):

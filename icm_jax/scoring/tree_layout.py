@@ -22,8 +22,10 @@ ceil(m/2) | the rest). Query i's prompt is
 so demonstrations far from i in example order come first and i's
 group-mates last.
 
-With a tail of M blocks (`ScoringConfig.tree_tail`), the last M active
-blocks are merged into one tail block T, and the root splits the rest R
+With a tail of M demonstrations (`ScoringConfig.tree_tail`), the fewest
+last active blocks that hold at least M labelled demonstrations are merged
+into one tail block T (whole blocks: a group is never split), and the root
+splits the rest R
 from T asymmetrically. T's queries read R whole (encoded once) and then
 T's demonstrations outside their unit, all in block order: exact mode's
 prompt when the examples are grouped by consistency group (block order is
@@ -189,8 +191,9 @@ def _forest(lengths: ExampleLengths, labels: np.ndarray, block: np.ndarray,
   sources; level_segments[l - 1] lists (c, lo, hi, path, l): blocks lo..hi
   encoded at level l after `path`; leaves[(c, pos)] is the path of block
   position pos. A path is the prefix pieces ((level, lo, hi), ...) root down.
-  With tail > 0 the last `tail` active blocks are one block, trees[c]
-  ["tail"] its position (None without a tail).
+  With tail > 0 the last active blocks holding >= `tail` labelled
+  demonstrations are one block, trees[c]["tail"] its position (None
+  without a tail).
   """
   num_cand, num = labels.shape
   demo_offset, _, _ = token_table_offsets(lengths)
@@ -211,7 +214,11 @@ def _forest(lengths: ExampleLengths, labels: np.ndarray, block: np.ndarray,
     pos_of = {int(b): p for p, b in enumerate(active)}
     tail_pos = None
     if tail and len(active):
-      tail_pos = max(len(active) - tail, 0)
+      # The fewest last blocks holding >= `tail` labelled demonstrations.
+      tail_pos, count = len(active), 0
+      while tail_pos > 0 and count < tail:
+        tail_pos -= 1
+        count += len(members[tail_pos])
       for b in active[tail_pos:]:
         pos_of[int(b)] = tail_pos
       members = members[:tail_pos] + [np.concatenate(members[tail_pos:])]
@@ -309,8 +316,8 @@ def tree_plan(lengths: ExampleLengths, labels: np.ndarray, unit: np.ndarray,
   context; block [N]: the tree leaf of each example (a union of units).
   min_seq_len: smallest pool region bucket; min_width: smallest segment
   width bucket. rows: segments per micro-batch (a multiple of `divisor`, the
-  mesh's batch divisor). tail: blocks that end every prompt in exact
-  mode's order (module docstring).
+  mesh's batch divisor). tail: demonstrations (rounded up to whole blocks)
+  that end every prompt in exact mode's order (module docstring).
 
   Static shapes: the region (bucket of the longest D), the depth bucket, the
   prefix length (header + region) and the range count (header + one per
