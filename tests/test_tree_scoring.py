@@ -281,3 +281,28 @@ def test_tail_costs_one_tail_per_query_row(tail):
       np.ones((1, rest), np.int32), np.arange(rest), np.arange(rest),
       *layout.scored_rows(np.ones((1, rest), np.int32)), min_seq_len=64,
       min_width=8, rows=8))
+
+
+@pytest.mark.parametrize("context", CONTEXTS)
+def test_tree_prompts_follow_the_documented_order_at_every_tail(context):
+  """The plan's prompts (token-table indices), for every tail from none to
+  all, against the reference order built from the documentation."""
+  from icm_jax.scoring import layout, tree_layout
+  n = len(GROUPS)
+  lengths = layout.ExampleLengths(3, np.arange(n) % 4 + 2, 2)
+  demo_offset, prompt_offset, _ = tree_layout.token_table_offsets(lengths)
+  unit, block = units_and_blocks(context)
+  labels = np.random.RandomState(9).randint(0, 2, n).astype(np.int32)
+  labels[[3, 8]] = -1
+  queries = np.ones(n, bool)
+  cand, query = layout.scored_rows(labels[None], queries[None])
+  for tail in range(n + 1):
+    got = tree_layout.tree_prompts(lengths, labels[None], unit, block, cand,
+                                   query, tail=tail)
+    for i, prompt in zip(query, got):
+      want = [np.arange(3)] + [
+          demo_offset[j, labels[j]] + np.arange(lengths.demo[j])
+          for j in reference_demos(labels, block, unit, queries, i, tail)]
+      want.append(prompt_offset[i] + np.arange(lengths.prompt[i]))
+      np.testing.assert_array_equal(prompt, np.concatenate(want),
+                                    err_msg=f"tail={tail} query={i}")
