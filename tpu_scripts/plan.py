@@ -42,8 +42,8 @@ _NUM_EXAMPLES = flags.DEFINE_integer(
     "num_examples", None, "N per ICM search (default label.batch_size).")
 _MODES = flags.DEFINE_string(
     "modes", "exact,parallel", "Scoring modes to plan: exact, "
-    "exact_unshared, parallel, shared, tree (planned from its cost model; "
-    "aot_check.py does not compile tree mode yet).")
+    "exact_unshared, parallel, shared, tree (aot_check.py --modes=tree "
+    "compiles tree mode's passes for the memory check).")
 _LENGTHS = flags.DEFINE_string(
     "lengths", None, "'measured', or MEAN,MAX prompt tokens (default: "
     "measured when data is available, else 191,665).")
