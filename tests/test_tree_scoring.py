@@ -255,6 +255,36 @@ def test_tree_plan_cost_is_log_passes():
   assert plan.tokens_forwarded * 10 < exact
 
 
+@pytest.mark.parametrize("divisor", [1, 2])
+def test_wide_passes_hold_at_most_query_chunk_tokens_per_shard(divisor):
+  """A micro-batch holds at most query_chunk query tokens per batch shard
+  (one segment at least), so wide levels run fewer segments at once; with
+  query_chunk=0 every pass keeps rows_per_chunk segments. Same segments,
+  same widths, no extra padding either way."""
+  from icm_jax.scoring import layout, tree_layout
+  n, rows, chunk = 64, 8, 128
+  lengths = layout.ExampleLengths(4, np.full(n, 20), 2)
+  labels = np.ones((1, n), np.int32)
+  cand, query = layout.scored_rows(labels)
+  plan = lambda q: tree_layout.tree_plan(
+      lengths, labels, np.arange(n), np.arange(n), cand, query,
+      min_seq_len=64, min_width=8, rows=rows, divisor=divisor, query_chunk=q)
+  bounded, free = plan(chunk), plan(0)
+  for b, f in zip(bounded.passes, free.passes):
+    s, w = b.token_src.shape
+    assert (s, w) == f.token_src.shape
+    np.testing.assert_array_equal(b.token_src, f.token_src)
+    assert f.rows == min(rows, s)
+    assert b.rows % divisor == 0 and s % b.rows == 0
+    assert b.rows == divisor or b.rows // divisor * w <= chunk, (b.rows, w)
+  # The root levels (hundreds of tokens wide) run one segment per shard;
+  # the leaf (a prompt, 24 tokens) 4 per shard at most: 4 divides its 64.
+  assert [p.rows for p in bounded.levels[:2]] == [divisor, divisor]
+  assert bounded.leaf.rows == 4 * divisor
+  assert [p.rows for p in free.passes] == [min(rows, p.token_src.shape[0])
+                                           for p in free.passes]
+
+
 @pytest.mark.parametrize("tail", [1, 4])
 def test_tail_costs_one_tail_per_query_row(tail):
   """With a tail of M claims (blocks of one), each query outside it

@@ -172,4 +172,5 @@ def tree_call_plan(workload: Workload, labels: np.ndarray, cand_idx, query_idx,
       _example_lengths(workload), labels, unit, block, cand_idx, query_idx,
       min_seq_len=scoring.min_seq_len, min_width=TREE_MIN_WIDTH,
       rows=layout.chunk_rows(scoring.rows_per_chunk, divisor),
-      divisor=divisor, tail=scoring.tree_tail)
+      divisor=divisor, tail=scoring.tree_tail,
+      query_chunk=scoring.query_chunk)

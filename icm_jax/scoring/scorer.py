@@ -68,10 +68,11 @@ class ScoringConfig:
   # Exact mode: compute the shared demonstration prefix once per assignment
   # and run only each row's suffix (about half the tokens).
   prefix_sharing: bool = True
-  # Exact (with prefix sharing) and shared modes: run each long pass in
-  # chunks of this many query tokens (0 = whole sequences), so no attention
-  # mask or activation is larger than [chunk, keys]; same scores. Shorter
-  # passes are one chunk.
+  # Exact (with prefix sharing), shared and tree modes: run each long pass
+  # in chunks of this many query tokens (0 = whole sequences), so no
+  # attention mask or activation is larger than [chunk, keys]; same scores.
+  # Shorter passes are one chunk. Tree mode also caps a micro-batch at this
+  # many query tokens per batch shard (fewer segments for wide levels).
   query_chunk: int = 4096
   # leave_group_out: each query is scored without any claim of its group in
   # context (LOOScorer needs `groups`).
@@ -402,7 +403,7 @@ class LOOScorer:
         self._lengths, labels, self._tree_unit, self._tree_block, cand_idx,
         query_idx, min_seq_len=self.config.min_seq_len,
         min_width=TREE_MIN_WIDTH, rows=self._chunk, divisor=self._groups,
-        tail=self.config.tree_tail)
+        tail=self.config.tree_tail, query_chunk=self.config.query_chunk)
     self.last_shape = (plan.pool_tokens,) + tuple(p.shape for p in plan.passes)
     self.last_plan = plan
     pool = self._call(tree.new_pool, self.model_config, plan.pool_tokens,

@@ -159,12 +159,16 @@ class _Segments:
     self.write_at.append(write_at)
 
   def build(self, *, min_len: int, rows: int, divisor: int, num_ranges: int,
-            prefix_len: int) -> TreePass:
+            prefix_len: int, query_chunk: int) -> TreePass:
     num = len(self.src)
     seg_len = np.array([len(s) for s in self.src], np.int64)
     width = bucket(int(seg_len.max()) if num else 1, min_len)
     s = bucket(max(num, 1), 1, divisor)
     rows = min(rows, s)
+    cap = micro_batch_rows(width, rows=rows, divisor=divisor,
+                           query_chunk=query_chunk)
+    if cap < rows:  # the most that divide S: the bound adds no padding
+      rows = max(r for r in range(divisor, cap + 1, divisor) if s % r == 0)
     s = -(-s // rows) * rows
     token_src = np.full((s, width), -1, np.int32)
     length = np.zeros(s, np.int32)
@@ -180,6 +184,20 @@ class _Segments:
       write_at[k] = self.write_at[k]
     return TreePass(token_src, length, start_pos, ranges, write_at,
                     prefix_len=prefix_len, rows=rows)
+
+
+def micro_batch_rows(width: int, *, rows: int, divisor: int,
+                     query_chunk: int) -> int:
+  """Segments per micro-batch of a pass of `width`-token segments: at most
+  `rows`, and at most query_chunk query tokens per batch shard (at least one
+  segment each), so no attention score block is larger than
+  [query_chunk, keys] per shard, as in exact mode. Wide levels otherwise
+  hold rows/divisor x [query_chunk, prefix + width] scores at once
+  (the 8B GSM8K level 3 on a v5e-16: 15.8 GiB of temporaries).
+  query_chunk=0: no bound."""
+  if not query_chunk:
+    return rows
+  return max(divisor, min(rows, divisor * (query_chunk // width)))
 
 
 def _forest(lengths: ExampleLengths, labels: np.ndarray, block: np.ndarray,
@@ -309,15 +327,17 @@ def tree_prompts(lengths: ExampleLengths, labels: np.ndarray,
 def tree_plan(lengths: ExampleLengths, labels: np.ndarray, unit: np.ndarray,
               block: np.ndarray, cand_idx: np.ndarray, query_idx: np.ndarray,
               *, min_seq_len: int, min_width: int, rows: int,
-              divisor: int = 1, tail: int = 0) -> TreePlan:
+              divisor: int = 1, tail: int = 0,
+              query_chunk: int = 0) -> TreePlan:
   """Plans scoring rows (cand_idx[k], query_idx[k]) in tree mode.
 
   labels [C, N] in {-1, 0, 1}; unit [N]: what a query leaves out of its
   context; block [N]: the tree leaf of each example (a union of units).
   min_seq_len: smallest pool region bucket; min_width: smallest segment
   width bucket. rows: segments per micro-batch (a multiple of `divisor`, the
-  mesh's batch divisor). tail: demonstrations (rounded up to whole blocks)
-  that end every prompt in exact mode's order (module docstring).
+  mesh's batch divisor), fewer for wide passes (micro_batch_rows, bounded
+  by query_chunk). tail: demonstrations (rounded up to whole blocks) that
+  end every prompt in exact mode's order (module docstring).
 
   Static shapes: the region (bucket of the longest D), the depth bucket, the
   prefix length (header + region) and the range count (header + one per
@@ -333,7 +353,7 @@ def tree_plan(lengths: ExampleLengths, labels: np.ndarray, unit: np.ndarray,
                   min_seq_len)
   depth_bucket = bucket(max(depth, 1))
   statics = dict(rows=rows, divisor=divisor, num_ranges=1 + depth_bucket,
-                 prefix_len=header + region)
+                 prefix_len=header + region, query_chunk=query_chunk)
 
   def region_base(c, level):
     return header + (c * depth_bucket + level - 1) * region
