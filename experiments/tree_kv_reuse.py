@@ -134,8 +134,8 @@ def main(argv):
   for tail in map(int, _TAILS.value):
     sc = dataclasses.replace(scoring, mode="tree", tree_tail=tail)
     row = measure(workload, sc, recorded)
-    row.update(n=n, context=sc.context, tree_tail=tail,
-               iterations=result.iterations)
+    row.update(workload=workload.description, n=n, context=sc.context,
+               tree_tail=tail, iterations=result.iterations)
     ev, se = row["share_of_evaluation"], row["share_of_search"]
     tok = row["tokens"]
     print(f"tree_tail={tail}: {row['evaluation_calls']} evaluation calls; "
