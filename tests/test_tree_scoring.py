@@ -281,8 +281,6 @@ def test_wide_passes_hold_at_most_query_chunk_tokens_per_shard(divisor):
   # the leaf (a prompt, 24 tokens) 4 per shard at most: 4 divides its 64.
   assert [p.rows for p in bounded.levels[:2]] == [divisor, divisor]
   assert bounded.leaf.rows == 4 * divisor
-  assert [p.rows for p in free.passes] == [min(rows, p.token_src.shape[0])
-                                           for p in free.passes]
 
 
 @pytest.mark.parametrize("tail", [1, 4])

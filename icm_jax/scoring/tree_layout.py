@@ -164,11 +164,8 @@ class _Segments:
     seg_len = np.array([len(s) for s in self.src], np.int64)
     width = bucket(int(seg_len.max()) if num else 1, min_len)
     s = bucket(max(num, 1), 1, divisor)
-    rows = min(rows, s)
-    cap = micro_batch_rows(width, rows=rows, divisor=divisor,
-                           query_chunk=query_chunk)
-    if cap < rows:  # the most that divide S: the bound adds no padding
-      rows = max(r for r in range(divisor, cap + 1, divisor) if s % r == 0)
+    rows = micro_batch_rows(width, s, rows=rows, divisor=divisor,
+                            query_chunk=query_chunk)
     s = -(-s // rows) * rows
     token_src = np.full((s, width), -1, np.int32)
     length = np.zeros(s, np.int32)
@@ -186,18 +183,22 @@ class _Segments:
                     prefix_len=prefix_len, rows=rows)
 
 
-def micro_batch_rows(width: int, *, rows: int, divisor: int,
+def micro_batch_rows(width: int, segments: int, *, rows: int, divisor: int,
                      query_chunk: int) -> int:
-  """Segments per micro-batch of a pass of `width`-token segments: at most
-  `rows`, and at most query_chunk query tokens per batch shard (at least one
-  segment each), so no attention score block is larger than
-  [query_chunk, keys] per shard, as in exact mode. Wide levels otherwise
-  hold rows/divisor x [query_chunk, prefix + width] scores at once
-  (the 8B GSM8K level 3 on a v5e-16: 15.8 GiB of temporaries).
-  query_chunk=0: no bound."""
-  if not query_chunk:
+  """Segments per micro-batch of a pass of `segments` (a multiple of
+  `divisor`) `width`-token segments: at most `rows` and `segments`, and at
+  most query_chunk query tokens per batch shard (at least one segment
+  each), so no attention score block is larger than [query_chunk, keys]
+  per shard, as in exact mode. Wide levels otherwise hold rows/divisor x
+  [query_chunk, prefix + width] scores at once (the 8B GSM8K level 3 on a
+  v5e-16: 15.8 GiB of temporaries). A capped count divides `segments`, so
+  the cap adds no padding. query_chunk=0: no cap."""
+  rows = min(rows, segments)
+  if not query_chunk or rows // divisor * width <= query_chunk:
     return rows
-  return max(divisor, min(rows, divisor * (query_chunk // width)))
+  per_shard = max(1, query_chunk // width)
+  return divisor * max(k for k in range(1, per_shard + 1)
+                       if segments % (divisor * k) == 0)
 
 
 def _forest(lengths: ExampleLengths, labels: np.ndarray, block: np.ndarray,
